@@ -1,0 +1,98 @@
+"""Atomic outputs: everything is written under a temporary sibling and renamed when complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp directory beside `out`; on success it replaces `out`, on error it is removed."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _umask_permissions(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask_permissions(root: Path) -> None:
+    # mkdtemp and some writers create private files; give the result ordinary permissions.
+    mask = os.umask(0)
+    os.umask(mask)
+    root.chmod(0o777 & ~mask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, order-preserving split of tensor names into shards of at most max_shard_bytes."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+def write_shards(
+    out_dir: Path,
+    shard_tensors: Iterable[dict[str, torch.Tensor]],
+    n_shards: int,
+    base: str = "model",
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write `base-0000i-of-0000N.safetensors` shards (one dict at a time) and their index."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, tensors in enumerate(shard_tensors, 1):
+        fname = f"{base}-{i:05d}-of-{n_shards:05d}.safetensors"
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(out_dir / fname), metadata=metadata or {"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json(out_dir / f"{base}.safetensors.index.json", index)
+    return index
