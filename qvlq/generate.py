@@ -55,6 +55,37 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class HFEngine:
+    """Eager decode with a growing DynamicCache: the seed's (official HF) way of generating.
+
+    Engines share this interface (see qvlq.fast.FastEngine): prefill(...) -> last logits [B, V],
+    step(tokens [B]) -> logits [B, V], reset(). Greedy tokens of all engines agree (tests)."""
+
+    name = "hf"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.cache: DynamicCache | None = None
+
+    def reset(self) -> None:
+        self.cache = None
+
+    @torch.inference_mode()
+    def prefill(
+        self, input_ids: torch.Tensor, images: Any = None, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        self.cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids, images=images, image_features=image_features, cache=self.cache, use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens[:, None], cache=self.cache, use_cache=True).logits[:, -1]
+
+
 @torch.inference_mode()
 def stream_tokens(
     model: Any,
@@ -64,16 +95,15 @@ def stream_tokens(
     stop_ids: Sequence[int] = (),
     images: Any = None,
     image_features: torch.Tensor | None = None,
+    engine: Any = None,
 ) -> Iterator[int]:
     """Yield generated ids for a batch of one; stops after a stop id (which is yielded) or max_new_tokens."""
     sampling = sampling or Sampling()
+    engine = engine or HFEngine(model)
     generator = None
     if sampling.do_sample and sampling.seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(sampling.seed)
-    cache = DynamicCache(config=model.config)
-    logits = model(
-        input_ids, images=images, image_features=image_features, cache=cache, use_cache=True, logits_to_keep=1
-    ).logits[:, -1]
+    logits = engine.prefill(input_ids, images=images, image_features=image_features)
     stop = set(stop_ids)
     for _ in range(max_new_tokens):
         tok = next_token(logits, sampling, generator)
@@ -81,7 +111,7 @@ def stream_tokens(
         yield t
         if t in stop:
             return
-        logits = model(tok[:, None], cache=cache, use_cache=True).logits[:, -1]
+        logits = engine.step(tok)
 
 
 def generate(
