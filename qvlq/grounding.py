@@ -4,44 +4,51 @@ relative to the picture; parsing, IoU and drawing the boxes back onto the pictur
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from PIL import Image, ImageDraw
-
-_ITEM = re.compile(r"<ref>(.*?)</ref>|<box>\((-?\d+),(-?\d+)\),\((-?\d+),(-?\d+)\)</box>", re.DOTALL)
 
 Box = tuple[int, int, int, int]
 
 
-@dataclass
-class Grounding:
+class GroundedBox(NamedTuple):
     ref: str | None
     box: Box
 
 
-def parse_boxes(text: str) -> list[Grounding]:
-    """Every box in reading order, each with the latest <ref> before it (None if there was none)."""
-    found: list[Grounding] = []
+_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_GROUNDING_RE = re.compile(
+    rf"<ref>(?P<ref>.*?)</ref>|<box>\s*\({_NUM},{_NUM}\)\s*,\s*\({_NUM},{_NUM}\)\s*</box>", re.DOTALL
+)
+
+
+def parse_boxes(text: str) -> list[GroundedBox]:
+    """All ``<box>(x1,y1),(x2,y2)</box>`` in ``text``, in order, each with the latest preceding
+    ``<ref>`` text (None if there is none). Tolerates spaces and decimals (rounded to int)."""
+    out: list[GroundedBox] = []
     ref: str | None = None
-    for m in _ITEM.finditer(text):
-        if m.group(1) is not None:
-            ref = m.group(1)
-        else:
-            found.append(Grounding(ref, tuple(int(v) for v in m.groups()[1:])))  # type: ignore[arg-type]
-    return found
+    for m in _GROUNDING_RE.finditer(text):
+        if m.group("ref") is not None:
+            ref = m.group("ref").strip()
+            continue
+        x1, y1, x2, y2 = (round(float(v)) for v in m.groups()[1:])
+        out.append(GroundedBox(ref, (x1, y1, x2, y2)))
+    return out
 
 
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes (corners in any order)."""
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes; corners may come in either order.
+    Two identical zero-area boxes give 1.0, other zero-area unions 0.0."""
     ax1, ax2 = sorted((a[0], a[2]))
     ay1, ay2 = sorted((a[1], a[3]))
     bx1, bx2 = sorted((b[0], b[2]))
     by1, by2 = sorted((b[1], b[3]))
-    iw = max(0, min(ax2, bx2) - max(ax1, bx1))
-    ih = max(0, min(ay2, by2) - max(ay1, by1))
-    inter = iw * ih
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
     union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
-    return inter / union if union > 0 else 0.0
+    if union <= 0:
+        return 1.0 if (ax1, ay1, ax2, ay2) == (bx1, by1, bx2, by2) else 0.0
+    return float(inter / union)
 
 
 def to_pixels(box: Box, width: int, height: int) -> Box:
@@ -53,7 +60,7 @@ def to_pixels(box: Box, width: int, height: int) -> Box:
     )
 
 
-def draw_boxes(image: Image.Image, boxes: list[Grounding], width: int = 3) -> Image.Image:
+def draw_boxes(image: Image.Image, boxes: list[GroundedBox], width: int = 3) -> Image.Image:
     """A copy of `image` with every box drawn and labelled with its ref."""
     img = image.convert("RGB").copy()
     draw = ImageDraw.Draw(img)
