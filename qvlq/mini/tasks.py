@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 
 from qvlq.grounding import Box, GroundedBox, iou, parse_boxes  # noqa: F401 (scoring API re-exports them)
 from qvlq.stats import bootstrap_ci
+
 RGB = tuple[int, int, int]
 
 
