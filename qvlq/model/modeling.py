@@ -223,6 +223,39 @@ class QWenModel(QWenPreTrainedModel):
             pixels = pixels_for(list(images), self.visual.image_size)
         return self.visual(pixels)
 
+    def embed(
+        self, input_ids: torch.Tensor, images: Any = None, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with image features written over the n_queries slots of every image span
+        (call it for a prefill only: like the reference, a generated <img> id is just a token)."""
+        cfg = self.config
+        h = self.drop(self.wte(input_ids))
+        if not (input_ids == cfg.image_start_id).any():
+            return h
+        spans = self.image_spans(input_ids)
+        if image_features is None:
+            if images is None:
+                images = self.image_paths(input_ids, spans)
+            elif len(images) != len(spans):
+                raise ValueError(f"{len(images)} images given for {len(spans)} <img> spans in the prompt")
+            image_features = self.encode_images(images)
+        h = h.clone()
+        for (r, a, e), feats in zip(spans, image_features.to(h.dtype), strict=True):
+            h[r, a + 1 : e] = feats
+        return h
+
+    def position_inputs(
+        self, past: int, s: int, alpha: float, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """RoPE tables for positions past..past+s-1 and the logN query factors (None when all are 1)."""
+        cfg = self.config
+        positions = torch.arange(past, past + s, device=device)
+        cos, sin = rope_cos_sin(positions, self.rotary_dim, cfg.rotary_emb_base, alpha)
+        logn = None
+        if cfg.use_logn_attn and not self.training and past + s > cfg.seq_length:
+            logn = torch.tensor(logn_scale(past, past + s, cfg.seq_length), device=device)[:, None]
+        return cos, sin, logn
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -242,23 +275,12 @@ class QWenModel(QWenPreTrainedModel):
             past_key_values = DynamicCache(config=cfg)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
 
-        if inputs_embeds is None:
-            h = self.wte(input_ids)
+        if inputs_embeds is not None:
+            h = self.drop(inputs_embeds)
+        elif past == 0:
+            h = self.embed(input_ids, images, image_features)
         else:
-            h = inputs_embeds
-        h = self.drop(h)
-        if input_ids is not None and past == 0 and (input_ids == cfg.image_start_id).any():
-            spans = self.image_spans(input_ids)
-            if image_features is None:
-                if images is None:
-                    images = self.image_paths(input_ids, spans)
-                elif len(images) != len(spans):
-                    raise ValueError(f"{len(images)} images given for {len(spans)} <img> spans in the prompt")
-                image_features = self.encode_images(images)
-            h = h.clone()
-            for (r, a, e), feats in zip(spans, image_features.to(h.dtype), strict=True):
-                h[r, a + 1 : e] = feats
-
+            h = self.drop(self.wte(input_ids))
         b, s, _ = h.shape
         # NTK alpha is fixed by the prefill (eval only) and kept while decoding, as the reference does.
         if past == 0:
@@ -267,11 +289,7 @@ class QWenModel(QWenPreTrainedModel):
                 past_key_values.qvlq_ntk_alpha = alpha
         else:
             alpha = getattr(past_key_values, "qvlq_ntk_alpha", 1.0)
-        positions = torch.arange(past, past + s, device=h.device)
-        cos, sin = rope_cos_sin(positions, self.rotary_dim, cfg.rotary_emb_base, alpha)
-        logn = None
-        if cfg.use_logn_attn and not self.training and past + s > cfg.seq_length:
-            logn = torch.tensor(logn_scale(past, past + s, cfg.seq_length), device=h.device)[:, None]
+        cos, sin, logn = self.position_inputs(past, s, alpha, h.device)
         mask = None  # None lets SDPA use its causal fast path (full prefill) or attend to all (decode)
         if attention_mask is not None and not bool(attention_mask.all()):
             pad = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
