@@ -53,7 +53,7 @@ def preset_config(size: str) -> QWenConfig:
             num_hidden_layers=2,
             num_attention_heads=4,
             kv_channels=32,
-            intermediate_size=2 * 344,
+            intermediate_size=2 * 384,  # MLP width 384: every block linear splits into 128-groups
             visual=visual,
             use_flash_attn=False,
         )
