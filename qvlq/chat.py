@@ -4,6 +4,7 @@ chat / chat_stream API of the official model, and drawing grounded answers on th
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +52,19 @@ def make_context(
     raw = f"<|im_start|>system\n{system}<|im_end|>" + raw
     raw += f"\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n"
     return raw, tokens
+
+
+def render_conversation(
+    tokenizer: Any, turns: History, system: str = DEFAULT_SYSTEM
+) -> tuple[str, list[int]]:
+    """(raw_text, token ids) of a whole conversation, final assistant reply and its <|im_end|> included:
+    the make_context prompt for the last question (all earlier turns kept, no window) followed by
+    the reply, so it is token-exact with what chat() feeds the model plus what the model answered."""
+    if not turns:
+        raise ValueError("a conversation needs at least one (user, assistant) turn")
+    *history, (query, reply) = turns
+    raw, tokens = make_context(tokenizer, query, history, system, max_window_size=sys.maxsize)
+    return raw + f"{reply}<|im_end|>", tokens + tokenizer.encode_text(reply) + [tokenizer.im_end_id]
 
 
 def _setup(model: Any, tokenizer: Any, query: str, history: History | None, kwargs: dict) -> tuple:

@@ -156,6 +156,68 @@ def chat_cmd(
         out.print("assistant> " + turn(text, stream=False), highlight=False, markup=False)
 
 
+@app.command("calibrate")
+@clean_errors
+def calibrate_cmd(
+    data: Annotated[
+        Path, typer.Argument(help="Finetune JSON/JSONL, a save_to_disk dataset dir, a parquet file or a .txt.")
+    ],
+    model_dir: Annotated[str, typer.Option("--model", help="Model directory: tokenizer and config (no weights).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Bundle directory to write.")],
+    num_samples: Annotated[int, typer.Option(help="Rows to sample.")] = 128,
+    max_len: Annotated[int, typer.Option(help="Tokens per sample (never splits an image span).")] = 2048,
+    seed: Annotated[int, typer.Option(help="Seed of the row sample.")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="auto, json, jsonl, datasets, parquet or txt.")] = "auto",
+    strict: Annotated[bool, typer.Option(help="Fail on the first bad row instead of skipping it.")] = False,
+    text_only: Annotated[bool, typer.Option(help="Drop the pictures (and their 'Picture N: ' text).")] = False,
+    pixel_dtype: Annotated[str, typer.Option(help="Pixels in the bundle: fp32 (exact) or fp16 (half size).")] = "fp32",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON.")] = False,
+) -> None:
+    """Build a calibration bundle (token ids + preprocessed pictures) for multimodal GPTQ."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.table import Table
+
+    from .calibrate import calibrate
+
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    ) as bar:
+        task = bar.add_task("calibration samples", total=None)
+        calib = calibrate(
+            data, model_dir, out_dir, overwrite=overwrite, pixel_dtype=pixel_dtype, num_samples=num_samples,
+            max_len=max_len, seed=seed, strict=strict, text_only=text_only, fmt=fmt,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    st = calib.stats
+    if as_json:
+        emit_json({"bundle": str(out_dir), "stats": dataclasses.asdict(st)})
+        return
+    table = Table(title=f"calibration bundle {out_dir}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    sha = ", ".join(f"{k} {v[:12]}" for k, v in st.source_sha256.items()) if len(st.source_sha256) <= 3 else (
+        f"{len(st.source_sha256)} files"
+    )
+    rows = [
+        ("source", f"{st.source} ({st.format}{', text only' if st.text_only else ''})"),
+        ("sha256", sha),
+        ("samples", f"{st.samples} of {st.num_samples_requested} requested (seed {st.seed}); "
+                    f"{st.rows_examined} of {st.rows_total} rows examined"),
+        ("tokens", f"{st.total_tokens:,} total; mean {st.mean_tokens:.1f}, min {st.min_tokens}, max {st.max_tokens}"
+                   f" (max_len {st.max_len})"),
+        ("images", f"{st.images} ({st.image_tokens:,} image tokens, {st.image_token_share:.1%} of all)"),
+        ("truncated", f"{st.truncated_samples} samples, {st.images_dropped_by_truncation} images dropped"),
+        ("skipped", ", ".join(f"{k} {v}" for k, v in st.skipped.items()) or "none"),
+    ]  # fmt: skip
+    if st.note:
+        rows.append(("note", st.note))
+    for k, v in rows:
+        table.add_row(k, v)
+    out.print(table)
+
+
 def main() -> None:
     app()
 

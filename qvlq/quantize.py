@@ -173,6 +173,21 @@ def estimate_seconds(config: QWenConfig, n_tokens: int, device: torch.device) ->
     return (flops + gptq) / rate
 
 
+def int4_inventory(config: QWenConfig, spec: QuantSpec, true_sequential: bool = True) -> dict[str, tuple]:
+    """(shape, dtype) of every tensor an Int4 output holds, from the loader's own meta-built layout, so
+    what quantize writes, what the loader expects and the official index can be compared directly."""
+    from .model.loading import replace_quantized_linears
+
+    cfg = QWenConfig(**config.to_dict())
+    cfg.quantization_config = _official_quant_config(spec, true_sequential) | {"quant_method": "gptq"}
+    with torch.device("meta"):
+        model = QWenLMHeadModel(cfg)
+    replace_quantized_linears(model, cfg)
+    return {
+        k: (tuple(v.shape), torch.float16 if v.is_floating_point() else v.dtype) for k, v in model.state_dict().items()
+    }
+
+
 def _official_quant_config(spec: QuantSpec, true_sequential: bool) -> dict[str, Any]:
     return {
         "bits": spec.bits, "group_size": spec.group_size, "damp_percent": spec.damp_percent,

@@ -18,6 +18,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import QWenConfig
 from .vision import VisionTower
 
+# transformers renamed the output's cache field from past_key_values to cache during 5.x
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -359,7 +362,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 labels[:, 1:].reshape(-1).to(logits.device),
                 ignore_index=-100,
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
     # -- chat API of the official model
     def chat(self, tokenizer: Any, query: str, history: list | None = None, **kwargs: Any) -> tuple[str, list]:
