@@ -80,8 +80,9 @@ def init_checkpoint_cmd(
 
 
 def load_model_and_tokenizer(model_dir: str, device: str | None, dtype: str) -> tuple[Any, Any]:
-    import qvlq  # noqa: F401  (registers the native classes)
     from transformers import AutoTokenizer
+
+    import qvlq  # noqa: F401  (registers the native classes)
 
     from .model.loading import resolve_model_dir
     from .model.modeling import QWenLMHeadModel
@@ -216,6 +217,95 @@ def calibrate_cmd(
     for k, v in rows:
         table.add_row(k, v)
     out.print(table)
+
+
+@app.command("quantize")
+@clean_errors
+def quantize_cmd(
+    model_dir: Annotated[str, typer.Argument(help="BF16/FP16 Qwen-VL-Chat directory (official layout) or hub id.")],
+    calib: Annotated[str, typer.Option(help="Calibration bundle (qvlq calibrate) or DATA to calibrate on the fly.")],
+    out: Annotated[Path, typer.Option(help="Output directory: a drop-in for the official Int4 checkpoint.")],
+    preset: Annotated[
+        Path | None, typer.Option(help="Quantization preset JSON (configs/); options below override it.")
+    ] = None,
+    bits: Annotated[int | None, typer.Option(help="2, 3, 4 or 8 (default 4).")] = None,
+    group_size: Annotated[int | None, typer.Option(help="-1, 32, 64 or 128 (default 128).")] = None,
+    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric.")] = None,
+    desc_act: Annotated[bool | None, typer.Option("--desc-act/--no-desc-act", help="Act-order.")] = None,
+    static_groups: Annotated[bool | None, typer.Option("--static-groups/--no-static-groups")] = None,
+    damp_percent: Annotated[float | None, typer.Option(help="Hessian damping (default 0.01).")] = None,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential")] = True,
+    num_samples: Annotated[int, typer.Option(help="When calibrating on the fly: samples.")] = 128,
+    max_len: Annotated[int, typer.Option(help="When calibrating on the fly: tokens per sample.")] = 2048,
+    seed: Annotated[int, typer.Option(help="When calibrating on the fly: sampling seed.")] = 0,
+    text_only: Annotated[bool, typer.Option(help="When calibrating on the fly: drop the images.")] = False,
+    adapter: Annotated[Path | None, typer.Option(help="peft LoRA adapter merged into the model first.")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1 or cpu (default: cuda if available).")] = None,
+    offload: Annotated[str, typer.Option(help="Where calibration activations live: auto, cpu or device.")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run (byte-identical result).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """GPTQ-quantize Qwen-VL-Chat with multimodal calibration into the official Int4 layout."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from .calibrate import load_calibration
+    from .model.loading import read_config, resolve_model_dir
+    from .quantize import quantize, render_quantize_log, spec_from_options
+    from .tokenizer import QWenTokenizer
+
+    if Path(out).exists() and not overwrite and not resume:
+        raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
+    spec = spec_from_options(
+        preset, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups,
+        damp_percent=damp_percent,
+    )
+    src = resolve_model_dir(model_dir)
+    tokenizer = QWenTokenizer.from_pretrained(str(src))
+    calibration = load_calibration(
+        calib, tokenizer, read_config(src), num_samples=num_samples, max_len=max_len, seed=seed,
+        text_only=text_only,
+    )
+    with Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def on_event(kind: str, **e: Any) -> None:
+            if kind == "start":
+                console.print(
+                    f"{e['n_samples']} samples, {e['n_tokens']:,} tokens, {e['n_blocks']} blocks; "
+                    f"activations on {e['store']}; rough estimate {e['estimate'] / 60:.1f} min"
+                )
+                tasks["capture"] = bar.add_task("capture", total=e["n_samples"], info="vision + embeddings")
+                tasks["blocks"] = bar.add_task("blocks", total=e["n_blocks"], info="")
+            elif kind == "capture":
+                bar.update(tasks["capture"], completed=e["done"])
+            elif kind == "module":
+                info = f"h.{e['block']}.{e['module']} loss {e['gptq_loss']:.3g} (rtn {e['rtn_loss']:.3g})"
+                bar.update(tasks["blocks"], info=info)
+            elif kind in ("block_done", "block_resumed"):
+                bar.advance(tasks["blocks"])
+            elif kind == "write":
+                bar.update(tasks["blocks"], info=f"writing {e['out']}")
+
+        result = quantize(
+            src, calibration, out, spec, true_sequential=true_sequential, device=device, overwrite=overwrite,
+            resume=resume, adapter=adapter, offload=offload, on_event=on_event,
+        )
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(render_quantize_log(result))
+        console.print(f"wrote {result.out} in {result.seconds:.1f} s")
 
 
 def main() -> None:

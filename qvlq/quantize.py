@@ -188,6 +188,39 @@ def int4_inventory(config: QWenConfig, spec: QuantSpec, true_sequential: bool = 
     }
 
 
+def spec_from_options(preset: str | Path | None = None, **overrides: Any) -> QuantSpec:
+    """A QuantSpec from a preset file (the official quantize_config.json keys) and explicit overrides."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        try:
+            data = json.loads(Path(preset).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read preset {preset}: {e}") from None
+        known = {"bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent"}
+        values = {k: v for k, v in data.items() if k in known}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    spec = QuantSpec(**values)
+    spec.validate()
+    return spec
+
+
+def render_quantize_log(result: QuantizeResult, max_rows: int = 40) -> Any:
+    """A rich table of the per-module log (GPTQ vs RTN proxy loss)."""
+    from rich.table import Table
+
+    t = Table(title=f"GPTQ {result.spec['bits']}-bit g{result.spec['group_size']} on {result.device}")
+    for c in ("block", "module", "GPTQ loss", "RTN loss", "RTN/GPTQ", "samples", "damp", "s"):
+        t.add_column(c, justify="left" if c == "module" else "right", no_wrap=c == "module")
+    rows = result.modules if len(result.modules) <= max_rows else result.modules[:max_rows]
+    for m in rows:
+        ratio = m.rtn_loss / m.gptq_loss if m.gptq_loss > 0 else float("inf")
+        t.add_row(str(m.block), m.module, f"{m.gptq_loss:.4g}", f"{m.rtn_loss:.4g}", f"{ratio:.1f}x",
+                  str(m.samples), f"{m.damp:g}", f"{m.seconds:.2f}")
+    if len(result.modules) > max_rows:
+        t.caption = f"first {max_rows} of {len(result.modules)} modules; all in quantize_log.json"
+    return t
+
+
 def _official_quant_config(spec: QuantSpec, true_sequential: bool) -> dict[str, Any]:
     return {
         "bits": spec.bits, "group_size": spec.group_size, "damp_percent": spec.damp_percent,
