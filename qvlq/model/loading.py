@@ -171,12 +171,20 @@ def load_pretrained(cls: type, name_or_path: Any, **kwargs: Any) -> Any:
     if config.is_quantized:
         replace_quantized_linears(model, config)
     expected = set(model.state_dict().keys())
+    int4_keys = {
+        f"{name}.{b}" for name, m in model.named_modules() if type(m).__name__ == "QuantLinear" for b in m.state_dict()
+    }
     seen: set[str] = set()
     for f, sd in iter_tensors(files, device):
         unexpected = [k for k in sd if k not in expected and not k.endswith(IGNORABLE_SUFFIXES)]
         if unexpected:
             raise CheckpointError(f"{f.name}: tensors the Qwen-VL architecture does not have, e.g. {unexpected[:3]}")
-        sd = {k: (v.to(target) if v.is_floating_point() else v) for k, v in sd.items() if k in expected}
+        # GPTQ scales/bias stay fp16 as stored: QuantLinear.prepare picks their kernel dtype itself
+        sd = {
+            k: (v.to(target) if v.is_floating_point() and k not in int4_keys else v)
+            for k, v in sd.items()
+            if k in expected
+        }
         shapes = model.state_dict()
         for k, v in sd.items():
             if tuple(shapes[k].shape) != tuple(v.shape):

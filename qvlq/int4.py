@@ -1,0 +1,389 @@
+"""AutoGPTQ v1 checkpoint format (as in Qwen-VL-Chat-Int4) and a quantized linear layer.
+
+Per layer (in I, out O, b bits, n_groups G):
+    qweight int32 [I*b/32, O]   codes packed along the input dim
+    qzeros  int32 [G, O*b/32]   (zero - 1) packed along the output dim (the "v1" offset)
+    scales  fp16  [G, O]
+    g_idx   int32 [I]           group of each input column
+    bias    fp16  [O]           always present (zeros when the float layer had none)
+    W[o, i] = scales[g_idx[i], o] * (code[i, o] - (zero_stored[g_idx[i], o] + 1))
+
+Packing is a little-endian bit stream per column: value k of a run sits at bits b*k.. of the run's
+words. For 2/4/8 bit every word holds 32/b whole values (4 bit: qweight[r, o] holds code[8r + j, o] at
+bits 4j..4j+3). For 3 bit, 32 values fill 3 words and values 10 and 21 straddle word boundaries,
+which is AutoGPTQ's 3-bit layout.
+
+v1 limitation: a zero point of 0 would be stored as -1, which the format cannot hold (it reads back as
+2^b), so packing refuses it. Symmetric quantization (zero = 2^(b-1)) never hits this.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qvlq.gptq import QuantResult
+
+KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what torch's int4 kernels accept for qGroupSize
+# Row count from which an int4 backend dequantizes the weight per call and runs one dense GEMM instead
+# (QuantLinear.dequant_rows). H200, bf16, 11008x4096: tinygemm 0.81 / 1.61 / 6.38 ms at 256 / 512 / 2048
+# rows vs dequantize + GEMM 0.87 / 0.90 / 1.07 ms (4096x4096: 0.31 / 0.61 / 2.39 vs 0.36 / 0.37 / 0.43).
+# CPU (Xeon, AVX-512, 2 threads, 4096x4096, bf16): the int4 kernel takes 0.9 ms at 1 row but 307 ms at
+# 512 rows, where a dense bf16 GEMM takes 36-48 ms; 128 is an estimate of the crossover.
+DEQUANT_ROWS: dict[str, int | None] = {"int4_cpu": 128, "int4_cuda": 512}
+
+
+def _run(bits: int) -> tuple[int, int]:
+    """(values, int32 words) per packing run: the smallest run that fills whole words."""
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    values = 32 // math.gcd(32, bits)
+    return values, values * bits // 32
+
+
+def pack_rows(v: Tensor, bits: int) -> Tensor:
+    """Pack integer values [N, M] (in [0, 2^bits)) along dim 0 into int32 [N*bits/32, M]."""
+    values, words = _run(bits)
+    n, m = v.shape
+    if n % values:
+        raise ValueError(f"{n} rows cannot be packed at {bits} bits: need a multiple of {values}")
+    v = v.to(torch.int64).reshape(n // values, values, m)
+    if v.numel() and (v.min() < 0 or v.max() >= 2**bits):
+        raise ValueError(f"values out of range for {bits} bits")
+    out = torch.zeros(n // values, words, m, dtype=torch.int64, device=v.device)
+    for k in range(values):
+        w, off = divmod(k * bits, 32)
+        out[:, w] |= (v[:, k] << off) & 0xFFFFFFFF
+        if off + bits > 32:  # straddles into the next word (3 bit only)
+            out[:, w + 1] |= v[:, k] >> (32 - off)
+    out = out.reshape(-1, m)
+    # uint32 bit patterns >= 2^31 become the negative int32 with the same bits.
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def unpack_rows(p: Tensor, bits: int) -> Tensor:
+    """Inverse of pack_rows: int32 [N*bits/32, M] -> [N, M] (int32 for 2/4/8 bit, else int64)."""
+    values, words = _run(bits)
+    m = p.shape[1]
+    mask = 2**bits - 1
+    if words == 1:  # whole values per word: one broadcast shift; the mask drops the sign extension
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=p.device).view(1, -1, 1)
+        return ((p.unsqueeze(1) >> shifts) & mask).reshape(-1, m)
+    p = (p.to(torch.int64) & 0xFFFFFFFF).reshape(-1, words, m)
+    out = []
+    for k in range(values):
+        w, off = divmod(k * bits, 32)
+        x = p[:, w] >> off
+        if off + bits > 32:  # straddles two words (3 bit)
+            x = x | (p[:, w + 1] << (32 - off))
+        out.append(x & mask)
+    return torch.stack(out, 1).reshape(-1, m)
+
+
+def pack_gptq_v1(
+    result: QuantResult | Tensor,
+    scales: Tensor | None = None,
+    zeros: Tensor | None = None,
+    g_idx: Tensor | None = None,
+    bits: int = 4,
+) -> dict[str, Tensor]:
+    """QuantResult (or codes [out, in], scales/zeros [G, out], g_idx [in]) -> v1 tensors (no bias)."""
+    if isinstance(result, QuantResult):
+        codes, scales, zeros, g_idx, bits = result.codes, result.scales, result.zeros, result.g_idx, result.bits
+    else:
+        codes = result
+        if scales is None or zeros is None or g_idx is None:
+            raise ValueError("pack_gptq_v1 needs scales, zeros and g_idx along with codes")
+    zeros = zeros.to(torch.int64)
+    if zeros.numel() and (zeros.min() < 1 or zeros.max() > 2**bits):
+        raise ValueError(f"v1 format stores zero-1 in {bits} bits: zero points must lie in [1, {2**bits}]")
+    return {
+        "qweight": pack_rows(codes.T, bits).contiguous(),
+        "qzeros": pack_rows((zeros - 1).T, bits).T.contiguous(),
+        "scales": scales.to(torch.float16).contiguous(),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_gptq_v1(
+    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int = 4
+) -> tuple[Tensor, Tensor, Tensor]:
+    """v1 tensors -> (codes uint8 [out, in], zeros int32 [G, out] (= stored + 1), scales fp32 [G, out])."""
+    codes = unpack_rows(qweight, bits).T.to(torch.uint8).contiguous()
+    zeros = (unpack_rows(qzeros.T, bits).T + 1).to(torch.int32).contiguous()
+    if codes.shape[1] != g_idx.shape[0] or zeros.shape != scales.shape:
+        raise ValueError(
+            f"inconsistent v1 tensors: qweight -> {tuple(codes.shape)}, qzeros -> {tuple(zeros.shape)}, "
+            f"scales {tuple(scales.shape)}, g_idx {tuple(g_idx.shape)}"
+        )
+    return codes, zeros, scales.float()
+
+
+def dequantize_gptq_v1(
+    qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int = 4, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """W [out, in] with W[o, i] = scales[g, o] * (q[i, o] - (z_stored[g, o] + 1)), g = g_idx[i]."""
+    return dequantize_t(qweight, qzeros, scales, g_idx, bits, dtype).T.contiguous()
+
+
+def dequantize_t(
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Tensor,
+    bits: int = 4,
+    dtype: torch.dtype = torch.float32,
+    contiguous_groups: bool | None = None,
+) -> Tensor:
+    """W^T [in, out], the layout qweight unpacks to (no transpose copy). Computed in fp32, rounded once.
+
+    contiguous_groups: whether g_idx == i // group_size (checked here when None; that costs a device sync)."""
+    q = unpack_rows(qweight, bits)  # [in, out]
+    zeros = unpack_rows(qzeros.T, bits).T + 1  # [G, out]
+    scales = scales.float()
+    n_in, n_out = q.shape
+    n_groups = scales.shape[0]
+    if contiguous_groups is None:
+        contiguous_groups = n_in % n_groups == 0 and torch.equal(
+            g_idx, _trivial_g_idx(n_in, n_in // n_groups, g_idx.device)
+        )
+    if contiguous_groups:
+        # contiguous groups: broadcast per group instead of gathering a full [in, out] scale map
+        q = q.view(n_groups, -1, n_out)
+        w = (q - zeros.unsqueeze(1)).float().mul_(scales.unsqueeze(1))
+    else:
+        g = g_idx.long()
+        w = (q - zeros[g]).float().mul_(scales[g])
+    return w.reshape(n_in, n_out).to(dtype)
+
+
+def _trivial_g_idx(n_in: int, group_size: int, device: torch.device) -> Tensor:
+    return torch.arange(n_in, dtype=torch.int32, device=device) // group_size
+
+
+def quantized_state_dict_entries(prefix: str, result: QuantResult, bias: Tensor | None = None) -> dict[str, Tensor]:
+    """The five checkpoint tensors of one quantized module, keyed '{prefix}.qweight' etc."""
+    packed = pack_gptq_v1(result)
+    out_features = result.codes.shape[0]
+    b = torch.zeros(out_features) if bias is None else bias.detach()
+    packed["bias"] = b.to(device=result.codes.device, dtype=torch.float16).contiguous()
+    return {f"{prefix}.{k}": packed[k] for k in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+
+
+def _kernel_group(group_size: int) -> int | None:
+    """Largest group size the int4 kernels accept that divides ours (scales are then repeated)."""
+    return next((k for k in KERNEL_GROUP_SIZES if group_size % k == 0), None)
+
+
+class QuantLinear(nn.Module):
+    """Linear layer holding an AutoGPTQ v1 quantized weight; state dict keys match the checkpoint.
+
+    Backends (the `backend` attribute):
+      "dequant"   dequantize once to a cached float weight in the activation dtype, then F.linear.
+                  Works everywhere; the reference for the others.
+      "int4_cpu"  torch's aten._weight_int4pack_mm_for_cpu (4 bit only).
+      "int4_cuda" torch's tinygemm aten._weight_int4pack_mm (4 bit, bf16 activations, sm80+).
+    Both int4 kernels dequantize as (q - 8) * s + m per group, so m = s * (8 - zero). They need the
+    groups contiguous; an act-order checkpoint (g_idx not i // group_size) is served by permuting the
+    weight's input columns into group order once and gathering x[..., perm] at every call. Group
+    sizes other than 32/64/128/256 use the largest of those dividing them, with repeated scales.
+    From `dequant_rows` rows on (prefill), the int4 backends dequantize per call and run one dense GEMM
+    (see DEQUANT_ROWS); set it to None to always use the kernel.
+
+    Measured, 4096x4096, median per call (Xeon with AVX-512, 2 threads):
+                      dequant    int4_cpu   nn.Linear
+      fp32,  1 row     2.6 ms     32 ms      2.1 ms
+      fp32, 512 rows   91 ms      15.7 s     105 ms
+      bf16,  1 row     2.4 ms     0.9 ms     2.2 ms
+      bf16, 512 rows   36 ms      307 ms*    48 ms     (* kernel only; dequant_rows=128 avoids it)
+    So on CPU, 'auto' picks dequant (speed) and int4_cpu is the memory-saving choice for bf16/fp16
+    decoding: its fp32 path is far too slow to use.
+
+    Call prepare() after loading a state dict (it also runs lazily at the first forward, and again
+    after .to() or load_state_dict()). If you change the buffers in place, call prepare() again.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int = 128,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        values, _ = _run(bits)
+        gs = in_features if group_size == -1 else group_size
+        if in_features % values or out_features % values:
+            raise ValueError(f"in/out features must be multiples of {values} for {bits}-bit packing")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        n_groups = math.ceil(in_features / gs)
+        i32 = torch.int32
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=i32, device=device))
+        self.register_buffer("qzeros", torch.zeros(n_groups, out_features * bits // 32, dtype=i32, device=device))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", torch.arange(in_features, dtype=i32, device=device) // gs)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, device=device))
+        self.backend = "unprepared"
+        self.dequant_rows: int | None = None  # int4 backends: from this many rows on, dequantize per call
+        self._requested = "auto"
+        self._cache: dict[str, Any] = {}
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, backend={self.backend}"
+        )
+
+    @classmethod
+    def from_result(cls, result: QuantResult, bias: Tensor | None = None) -> QuantLinear:
+        out_features, in_features = result.codes.shape
+        m = cls(in_features, out_features, result.bits, result.group_size, device=result.codes.device)
+        prefix = "x"
+        sd = {k[len(prefix) + 1 :]: v for k, v in quantized_state_dict_entries(prefix, result, bias).items()}
+        m.load_state_dict(sd)
+        return m
+
+    def _after_load(self) -> None:
+        # load_state_dict(assign=True) adopts the incoming dtypes; the format says fp16. (Scales that
+        # a caller already cast to bf16 have lost bits that this cannot restore: load them as fp16.)
+        for n in ("scales", "bias"):
+            if self._buffers[n].dtype != torch.float16:
+                self._buffers[n] = self._buffers[n].to(torch.float16)
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._cache = {}
+        self.backend = "unprepared"
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda(): caches live on the old device. model.half()/.to(bf16) would also recast the
+        # fp16 scales and bias (lossy for bf16): keep them fp16, following only the device move.
+        self._invalidate()
+        keep = {n: self._buffers[n] for n in ("scales", "bias")}
+        super()._apply(fn, recurse)
+        for n, old in keep.items():
+            if self._buffers[n].dtype != torch.float16:
+                self._buffers[n] = old.to(self._buffers[n].device)
+        return self
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_gptq_v1(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+
+    def _choose(self, backend: str) -> str:
+        if backend != "auto":
+            return backend
+        # CPU: dequant by default. int4_cpu (opt-in) saves memory and is fast with bf16/fp16 activations,
+        # but its fp32 path is far slower than a float GEMM on AVX2 machines (see the module docstring).
+        if self.qweight.device.type == "cuda" and self._int4_ok("int4_cuda") is None:
+            return "int4_cuda"
+        return "dequant"
+
+    def _int4_ok(self, backend: str) -> str | None:
+        """None if the int4 kernel can serve this layer, else the reason it cannot."""
+        if self.bits != 4:
+            return "int4 kernels need bits=4"
+        if _kernel_group(self.in_features if self.group_size == -1 else self.group_size) is None:
+            return f"group_size {self.group_size} is not a multiple of 32"
+        if backend == "int4_cpu":
+            if self.out_features % 16:
+                return "int4_cpu needs out_features % 16 == 0"
+            if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+                return "this torch has no _weight_int4pack_mm_for_cpu"
+        else:
+            if not torch.cuda.is_available() or self.qweight.device.type != "cuda":
+                return "int4_cuda needs the layer on a CUDA device"
+            if torch.cuda.get_device_capability(self.qweight.device) < (8, 0):
+                return "int4_cuda needs compute capability 8.0+"
+            if self.out_features % 8 or self.in_features % 128:
+                return "int4_cuda needs out_features % 8 == 0 and in_features % 128 == 0"
+        return None
+
+    @torch.no_grad()
+    def prepare(self, backend: str = "auto", dtype: torch.dtype | None = None) -> QuantLinear:
+        """One-time repacking for the chosen backend ('auto', 'dequant', 'int4_cpu', 'int4_cuda').
+
+        dtype: for 'dequant', build the float weight now in this dtype (else at the first call)."""
+        if backend not in ("auto", "dequant", "int4_cpu", "int4_cuda"):
+            raise ValueError(f"unknown backend {backend!r}")
+        self._requested = backend
+        chosen = self._choose(backend)
+        self._cache = {"device": self.qweight.device}
+        if chosen == "dequant":
+            if dtype is not None:
+                self._cache["w"] = self.dequantize(dtype)
+            self.backend = chosen
+            return self
+        reason = self._int4_ok(chosen)
+        if reason is not None:
+            raise ValueError(f"backend {chosen!r} cannot serve this layer: {reason}")
+        codes, zeros, scales = unpack_gptq_v1(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        gs = self.in_features if self.group_size == -1 else self.group_size
+        g_idx = self.g_idx.long()
+        order = torch.argsort(g_idx, stable=True)
+        arange = torch.arange(self.in_features, device=g_idx.device)
+        if not torch.equal(g_idx[order], arange // gs):
+            raise ValueError("g_idx does not split the input into equal groups of group_size")
+        if not torch.equal(order, arange):  # act-order: put columns in group order, gather x to match
+            codes = codes[:, order]
+            self._cache["perm"] = order
+        kg = _kernel_group(gs)
+        rep = gs // kg
+        # tinygemm convention: w = (q - 8) * s + m  ==  s * (q - zero)  with  m = s * (8 - zero)
+        s = scales.repeat_interleave(rep, 0)
+        m = s * (8 - zeros.float()).repeat_interleave(rep, 0)
+        self._cache["sz32"] = torch.stack([s, m], -1).contiguous()
+        self._cache["group"] = kg
+        if chosen == "int4_cpu":
+            self._cache["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+        else:
+            c = codes.to(torch.int32)
+            u8 = ((c[:, ::2] << 4) | c[:, 1::2]).to(torch.uint8)  # even k in the high nibble
+            self._cache["packed"] = torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), 8)
+        self.dequant_rows = DEQUANT_ROWS[chosen]
+        self.backend = chosen
+        return self
+
+    def _float_weight(self, dtype: torch.dtype) -> Tensor:
+        w = self._cache.get("w")
+        if w is None or w.dtype != dtype:  # keep one float copy only, in the latest dtype
+            w = self._cache["w"] = self.dequantize(dtype)
+        return w
+
+    def _scales_zeros(self, dtype: torch.dtype) -> Tensor:
+        key = f"sz_{dtype}"
+        if key not in self._cache:
+            self._cache[key] = self._cache["sz32"].to(dtype)
+        return self._cache[key]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.backend == "unprepared" or self._cache.get("device") != self.qweight.device:
+            self.prepare(self._requested)
+        if self.backend == "dequant":
+            return F.linear(x, self._float_weight(x.dtype), self.bias.to(x.dtype))
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.dequant_rows is not None and x2.shape[0] >= self.dequant_rows:
+            # many rows (prefill): a transient float weight and one dense GEMM beat the int4 kernel
+            wt = dequantize_t(
+                self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, x.dtype, "perm" not in self._cache
+            )
+            return torch.addmm(self.bias.to(x.dtype), x2, wt).reshape(*lead, self.out_features)
+        if "perm" in self._cache:
+            x2 = x2[:, self._cache["perm"]]
+        if self.backend == "int4_cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.contiguous(), self._cache["packed"], self._cache["group"], self._scales_zeros(x.dtype)
+            )
+        else:  # tinygemm computes in bf16
+            xb = x2.to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm(
+                xb, self._cache["packed"], self._cache["group"], self._scales_zeros(torch.bfloat16)
+            ).to(x.dtype)
+        return (y + self.bias.to(y.dtype)).reshape(*lead, self.out_features)
