@@ -105,11 +105,11 @@ def stream_tokens(
         generator = torch.Generator(device=input_ids.device).manual_seed(sampling.seed)
     logits = engine.prefill(input_ids, images=images, image_features=image_features)
     stop = set(stop_ids)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         tok = next_token(logits, sampling, generator)
         t = int(tok[0])
         yield t
-        if t in stop:
+        if t in stop or i == max_new_tokens - 1:
             return
         logits = engine.step(tok)
 

@@ -1,0 +1,94 @@
+"""Shared fixtures: one tiny random checkpoint per session (real vocab and image geometry, hidden 128,
+2 layers), the model loaded from it in fp32 eval mode, the real tokenizer and a small PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = (REPO / ".." / "shared" / "reference").resolve()
+REAL_VOCAB = REPO / "qvlq" / "assets" / "qwen.tiktoken"
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    assert REFERENCE.is_dir(), f"reference data missing: {REFERENCE}"
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qvlq.checkpoint import init_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    init_checkpoint(out, "tiny", seed=0, dtype="fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir: Path):
+    """Shared, read-only: tests that toggle eager attention or add hooks must undo it."""
+    from qvlq.model.modeling import QWenLMHeadModel
+
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype="fp32")
+    assert model.dtype == torch.float32 and not model.training
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from qvlq.tokenizer import QWenTokenizer
+
+    return QWenTokenizer(REAL_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64x48 RGB PNG with structure in every channel (so the vision tower sees a real signal)."""
+    yy, xx = np.mgrid[0:48, 0:64]
+    arr = np.stack([xx * 4, yy * 5, (xx * yy) % 256], axis=-1).astype(np.uint8)
+    path = tmp_path_factory.mktemp("img") / "img.png"
+    Image.fromarray(arr).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_prompt(tokenizer, image_file: Path) -> Callable[..., torch.Tensor]:
+    """ids [1, L] of "Picture 1: <img>path</img>\\n{text}" (258 image tokens)."""
+
+    def make(text: str = "What is in this picture?", path: str | Path | None = None) -> torch.Tensor:
+        p = image_file if path is None else path
+        return torch.tensor([tokenizer.encode_text(f"Picture 1: <img>{p}</img>\n{text}")])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def image_feats(tiny_model, image_file: Path) -> torch.Tensor:
+    """The tiny vision tower's features of image_file, [1, 256, 128] (computed once)."""
+    from qvlq.image import pixels_for
+
+    with torch.no_grad():
+        return tiny_model.transformer.visual(pixels_for([image_file], 448))
+
+
+@pytest.fixture(scope="session")
+def tiny_variant(tiny_model) -> Callable[..., torch.nn.Module]:
+    """A model sharing the tiny weights (no copy) with config overrides, e.g. seq_length=16."""
+    from qvlq.model.config import QWenConfig
+    from qvlq.model.modeling import QWenLMHeadModel
+
+    def make(**overrides) -> torch.nn.Module:
+        cfg = QWenConfig(**{**tiny_model.config.to_dict(), **overrides})
+        with torch.device("meta"):
+            m = QWenLMHeadModel(cfg)
+        m.load_state_dict(tiny_model.state_dict(), assign=True)
+        return m.eval()
+
+    return make
