@@ -74,7 +74,7 @@ class QWenAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         proj = config.kv_channels * config.num_attention_heads
         self.c_attn = nn.Linear(config.hidden_size, 3 * proj)  # fused q|k|v, with bias
-        self.c_proj = nn.Linear(config.hidden_size, proj, bias=not config.no_bias)
+        self.c_proj = nn.Linear(proj, config.hidden_size, bias=not config.no_bias)
         self.scale_attn_weights = config.scale_attn_weights
         self.eager = False  # reference numerics (matmul + softmax in the compute dtype) when True
 

@@ -1,0 +1,360 @@
+"""A gpt-fast-style decode engine for Qwen-VL: static KV cache, precomputed RoPE tables and one
+decode step with static shapes, so the step can be compiled and captured as a CUDA graph.
+
+Batch-1 decoding is bound by memory bandwidth: every step must read all weights (14.2 GB BF16) plus the
+KV cache once. The eager HF loop never gets there because each step is ~1000 small kernel launches
+from Python and a DynamicCache that re-concatenates the whole cache per token. Here:
+
+  prefill  the model's own forward (image spans, image encoder, NTK, logN, SDPA causal) writing into
+           the static cache through a duck-typed `Cache`; lm_head only for the last position. Eager.
+  step     `Decoder.forward(tokens [B, 1], pos [1], kv_len)`: embed, 32 blocks (the model's own
+           modules: RMSNorms, c_attn/c_proj/MLP linears, float or QuantLinear), ln_f, lm_head. Only
+           tensor ops on static shapes: no .item(), no branches on tensor values. Compiled with
+           torch.compile(mode="reduce-overhead", fullgraph=True) on CUDA (inductor's CUDA graphs), or
+           captured by hand with torch.cuda.CUDAGraph when compile is off.
+
+Semantics (see the spec, §3): NTK alpha is chosen at prefill from the prompt length and kept while
+decoding (cos/sin tables for all max_seq_len positions, fp32, rebuilt in place only when alpha
+changes); the query at position p is scaled by log(p+1)/log(seq_length) once p+1 > seq_length, the
+factor computed from the position tensor inside the step and cast to the query dtype; keys are never
+scaled. Attention runs over the whole cache (or the first kv_block-multiple of slots) with the mask
+k_index <= pos, so slots not yet written, or left over from an earlier longer sequence, get weight 0.
+
+Batch > 1 works for prompts of equal length (no padding support): every row shares one position.
+`make_engine(name, model, max_seq_len)` is the registry ("hf", "fast") the profiler calls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .generate import HFEngine
+from .model.modeling import apply_rope, ntk_alpha, rope_cos_sin
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class KVCache(nn.Module):
+    """One layer's static cache, [B, H, max_seq_len, D] each for keys and values."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, device: Any) -> None:
+        super().__init__()
+        shape = (batch, heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [B, H, S, D] go to slots pos [S]."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+
+
+class PrefillCache:
+    """Just enough of transformers' Cache for QWenModel.forward at prefill: the model's attention
+    hands us each layer's rotated k, v; we store them at slots 0..S-1 and give back views of them."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # always a fresh prompt: the model then picks NTK alpha from its length
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int, *_: Any, **__: Any):
+        kv = self.layers[layer_idx]
+        s = k.shape[2]
+        kv.k[:, :, :s].copy_(k)
+        kv.v[:, :, :s].copy_(v)
+        return kv.k[:, :, :s], kv.v[:, :, :s]
+
+
+class Decoder(nn.Module):
+    """The unit that gets compiled / captured: one decode step over the static cache."""
+
+    def __init__(
+        self, model: nn.Module, max_seq_len: int, batch_size: int, attention: str = "sdpa"
+    ) -> None:
+        super().__init__()
+        cfg = model.config
+        wte = model.transformer.wte.weight
+        self.model = model
+        self.attention = attention
+        self.seq_length = int(cfg.seq_length)
+        self.use_logn = bool(cfg.use_logn_attn)
+        self.rotary_dim = int(model.transformer.rotary_dim)
+        self.rotary_base = float(cfg.rotary_emb_base)
+        attn = model.transformer.h[0].attn
+        self.kv = nn.ModuleList(
+            KVCache(batch_size, attn.num_heads, max_seq_len, attn.head_dim, wte.dtype, wte.device)
+            for _ in model.transformer.h
+        )
+        self.register_buffer("cos", torch.zeros(max_seq_len, self.rotary_dim, device=wte.device), persistent=False)
+        self.register_buffer("sin", torch.zeros(max_seq_len, self.rotary_dim, device=wte.device), persistent=False)
+        # CUDA graphs replay fixed addresses. Dynamo already treats module buffers as static inputs of
+        # inductor's cudagraphs (not copied per replay); say it explicitly for the ones we mutate.
+        for t in (self.cos, self.sin, *(b for kv in self.kv for b in (kv.k, kv.v))):
+            torch._dynamo.mark_static_address(t, guard=False)
+
+    @torch.no_grad()
+    def set_rope(self, alpha: float) -> None:
+        """Rebuild the fp32 cos/sin tables in place (same storage, so captured graphs stay valid)."""
+        positions = torch.arange(self.cos.shape[0], device=self.cos.device)
+        cos, sin = rope_cos_sin(positions, self.rotary_dim, self.rotary_base, alpha)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def logn(self, pos: torch.Tensor) -> torch.Tensor:
+        """[S, 1] query scale, in fp32 like the reference's tensor (computed in float64 as Python does)."""
+        p1 = (pos + 1).to(torch.float64)
+        scale = torch.where(p1 > self.seq_length, p1.log() / math.log(self.seq_length), torch.ones_like(p1))
+        return scale.to(torch.float32)[:, None]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q [B, H, 1, D] over k, v [B, H, kv_len, D]; bias [1, 1, 1, kv_len] is 0 or -inf."""
+        if self.attention == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        # "math": two batched GEMVs and an fp32 softmax; lets inductor pick the kernels.
+        scores = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
+        return (scores + bias).softmax(-1).to(v.dtype) @ v
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """tokens [B, 1] at position pos [1] -> logits [B, V]; attends over cache slots [0, kv_len)."""
+        t = self.model.transformer
+        b = tokens.shape[0]
+        x = t.wte(tokens)
+        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, D] fp32
+        logn = self.logn(pos) if self.use_logn else None
+        # causal mask as an additive bias, built once per step (not per layer) from the position
+        allowed = (torch.arange(kv_len, device=pos.device) <= pos).view(1, 1, 1, kv_len)
+        bias_dtype = x.dtype if self.attention == "sdpa" else torch.float32
+        bias = torch.zeros(allowed.shape, dtype=bias_dtype, device=pos.device).masked_fill(~allowed, float("-inf"))
+        for block, kv in zip(t.h, self.kv, strict=True):
+            attn = block.attn
+            q, k, v = attn.c_attn(block.ln_1(x)).split(attn.num_heads * attn.head_dim, dim=-1)
+            q = q.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            k = k.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            v = v.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if logn is not None:
+                q = q * logn.to(q.dtype)  # the reference casts the factor to the query dtype first
+            kv.write(pos, k, v)
+            out = self.attend(q, kv.k[:, :, :kv_len], kv.v[:, :, :kv_len], bias)
+            x = x + attn.c_proj(out.transpose(1, 2).reshape(b, 1, -1))
+            x = x + block.mlp(block.ln_2(x))
+        return self.model.lm_head(t.ln_f(x[:, -1]))
+
+
+class FastEngine:
+    """Static-cache decode engine; same interface as generate.HFEngine.
+
+    compile: "auto" = torch.compile(mode="reduce-overhead", fullgraph=True) on CUDA (inductor CUDA
+      graphs; "default" mode when cuda_graphs=False), eager on CPU. True = compile on any device
+      (CPU: inductor "default"). A string = that torch.compile mode. False = eager.
+    cuda_graphs: with compile off on CUDA, capture the eager step in a torch.cuda.CUDAGraph instead
+      (no compile time; unfused kernels).
+    kv_block: None attends over all max_seq_len slots every step (one graph). An int B attends over
+      the first ceil((pos+1)/B)*B slots: less KV read early in long runs, one graph per bucket (with
+      compile, the length becomes dynamic after the second bucket: one recompile).
+    attention: "sdpa" (F.scaled_dot_product_attention with an additive 0/-inf mask) or "math" (matmul,
+      fp32 softmax, matmul; scores rounded to the compute dtype as in the reference's eager path).
+    compile_backend: torch.compile backend; "aot_eager" traces the same graph without codegen (tests).
+    """
+
+    name = "fast"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_seq_len: int,
+        batch_size: int = 1,
+        compile: bool | str = "auto",
+        cuda_graphs: bool = True,
+        kv_block: int | None = None,
+        attention: str = "sdpa",
+        compile_backend: str = "inductor",
+    ) -> None:
+        if attention not in ("sdpa", "math"):
+            raise ValueError(f"attention must be 'sdpa' or 'math', got {attention!r}")
+        if kv_block is not None and kv_block < 1:
+            raise ValueError("kv_block must be a positive number of slots")
+        self.model = model
+        self.max_seq_len = int(max_seq_len)
+        self.batch_size = int(batch_size)
+        self.kv_block = kv_block
+        wte = model.transformer.wte.weight
+        self.device, self.dtype = wte.device, wte.dtype
+        on_cuda = self.device.type == "cuda"
+
+        if compile == "auto":
+            mode = ("reduce-overhead" if cuda_graphs else "default") if on_cuda else None
+        elif compile is True:
+            mode = "reduce-overhead" if on_cuda and cuda_graphs else "default"
+        elif compile is False or compile is None:
+            mode = None
+        elif compile in COMPILE_MODES:
+            mode = compile
+        else:
+            raise ValueError(f"compile must be 'auto', a bool or one of {COMPILE_MODES}, got {compile!r}")
+        self.compile_mode, self.compile_backend = mode, compile_backend
+        if mode is None:
+            self.graphs = "manual" if on_cuda and cuda_graphs else None
+        else:  # modes are inductor options; the ones below capture CUDA graphs (cudagraph trees)
+            captures = compile_backend == "inductor" and mode in ("reduce-overhead", "max-autotune")
+            self.graphs = "inductor" if on_cuda and captures else None
+
+        with torch.inference_mode(False):  # normal tensors: writable in and out of inference mode
+            self.decoder = Decoder(model, self.max_seq_len, self.batch_size, attention)
+            self._pos = torch.zeros(1, dtype=torch.long, device=self.device)  # device copy of self._len
+            self._tok = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)  # graph input
+        self._step_fn = self.decoder
+        if mode is not None:
+            options = {"mode": mode} if compile_backend == "inductor" else {}
+            self._step_fn = torch.compile(self.decoder, backend=compile_backend, fullgraph=True, **options)
+        self._alpha: float | None = None
+        self._len: int | None = None  # tokens in the cache; None before prefill
+        # manual CUDA graphs: one (graph, logits) per kv_len bucket, fed through _tok and _pos
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.first_step_s: float | None = None  # first call: compile and/or capture included
+
+    # ------------------------------------------------------------ interface
+    def reset(self) -> None:
+        """Forget the sequence; cache contents are left in place (the mask hides stale slots)."""
+        self._len = None
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        images: Any = None,
+        image_features: torch.Tensor | None = None,
+        max_new_tokens: int | None = None,
+    ) -> torch.Tensor:
+        """Run the prompt [B, S] through the model into the static cache; logits [B, V] of the last
+        position. If max_new_tokens is given, S + max_new_tokens <= max_seq_len is checked before any
+        work; step() itself refuses only a position past the cache."""
+        b, s = input_ids.shape
+        if b != self.batch_size:
+            raise ValueError(f"engine built for batch {self.batch_size}, got {b} prompts")
+        if s < 1 or s + (max_new_tokens or 0) > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {s} tokens + {max_new_tokens or 0} new tokens exceeds max_seq_len={self.max_seq_len}"
+            )
+        cfg = self.model.config
+        alpha = ntk_alpha(s, cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+        if alpha != self._alpha:
+            self.decoder.set_rope(alpha)
+            self._alpha = alpha
+        cache = PrefillCache(self.decoder.kv)
+        out = self.model(
+            input_ids.to(self.device), images=images, image_features=image_features, cache=cache, use_cache=True,
+            logits_to_keep=1,
+        )
+        model_alpha = getattr(cache, "qvlq_ntk_alpha", alpha)
+        if model_alpha != alpha:  # the model's own rule disagrees with ours (training mode?)
+            raise RuntimeError(f"prefill used NTK alpha {model_alpha}, decode tables were built for {alpha}")
+        self._len = s
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B] (the last sampled ones) -> logits [B, V] for the next position."""
+        if self._len is None:
+            raise RuntimeError("call prefill() before step()")
+        if self._len >= self.max_seq_len:
+            raise ValueError(f"sequence would exceed max_seq_len={self.max_seq_len}: build the engine with more")
+        tokens = tokens.reshape(self.batch_size, 1).to(self.device, torch.long)
+        kv_len = self._kv_len(self._len)
+        self._pos.fill_(self._len)  # a fill kernel, not a host->device copy: no sync
+        t0 = time.perf_counter() if self.first_step_s is None else None
+        if self.graphs == "manual":
+            logits = self._replay(tokens, kv_len)
+        else:
+            if self.graphs == "inductor":
+                torch.compiler.cudagraph_mark_step_begin()  # last step's outputs may be overwritten
+            logits = self._step_fn(tokens, self._pos, kv_len).clone()  # clone: graph outputs are reused
+        if t0 is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.first_step_s = time.perf_counter() - t0
+        self._len += 1
+        return logits
+
+    def describe(self) -> dict[str, Any]:
+        """What this engine runs, for the profile report."""
+        int4 = next((m for m in self.model.modules() if type(m).__name__ == "QuantLinear"), None)
+        info: dict[str, Any] = {
+            "engine": self.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "batch_size": self.batch_size,
+            "max_seq_len": self.max_seq_len,
+            "compile": self._compile_desc(),
+            "cuda_graphs": self.graphs,
+            "attention": f"{self.decoder.attention} over the static cache, mask k_index <= pos",
+            "kv_block": self.kv_block,
+            "kv_cache_bytes": sum(b.numel() * b.element_size() for b in self.decoder.kv.buffers()),
+            "int4_backend": getattr(int4, "backend", None),
+            "ntk_alpha": self._alpha,
+            "first_step_s": self.first_step_s,
+        }
+        if self.device.type == "cuda":
+            info["sdpa_enabled"] = [
+                n
+                for n, on in (
+                    ("flash", torch.backends.cuda.flash_sdp_enabled()),
+                    ("mem_efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+                    ("cudnn", torch.backends.cuda.cudnn_sdp_enabled()),
+                    ("math", torch.backends.cuda.math_sdp_enabled()),
+                )
+                if on
+            ]
+        return info
+
+    # ------------------------------------------------------------ internals
+    def _compile_desc(self) -> str | None:
+        if self.compile_mode is None:
+            return None
+        mode = f" mode={self.compile_mode}" if self.compile_backend == "inductor" else ""
+        return f"torch.compile backend={self.compile_backend}{mode} fullgraph"
+
+    def _kv_len(self, pos: int) -> int:
+        if self.kv_block is None:
+            return self.max_seq_len
+        return min(self.max_seq_len, -(-(pos + 1) // self.kv_block) * self.kv_block)
+
+    def _replay(self, tokens: torch.Tensor, kv_len: int) -> torch.Tensor:
+        self._tok.copy_(tokens)
+        if kv_len not in self._graphs:
+            # Warm up on a side stream (lazy inits, cuBLAS handles), then capture. Warm-up writes this
+            # step's k, v at pos, which the replay below writes again: harmless.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.decoder(self._tok, self._pos, kv_len)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.decoder(self._tok, self._pos, kv_len)
+            self._graphs[kv_len] = (graph, out)
+        graph, out = self._graphs[kv_len]
+        graph.replay()
+        return out.clone()
+
+
+ENGINES = ("hf", "fast")
+
+
+def make_engine(name: str, model: nn.Module, max_seq_len: int, **kwargs: Any) -> HFEngine | FastEngine:
+    """Engine registry for `qvlq profile --engine`: "hf" (eager, growing cache) or "fast" (this file;
+    kwargs go to FastEngine)."""
+    if name == "hf":
+        return HFEngine(model)
+    if name == "fast":
+        return FastEngine(model, max_seq_len, **kwargs)
+    raise ValueError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
