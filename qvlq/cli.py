@@ -308,6 +308,181 @@ def quantize_cmd(
         console.print(f"wrote {result.out} in {result.seconds:.1f} s")
 
 
+@app.command("profile")
+@clean_errors
+def profile_cmd(
+    models: Annotated[
+        list[str] | None, typer.Argument(help="BF16 and/or Int4 model directories (labelled from their config).")
+    ] = None,
+    random_weights: Annotated[
+        str | None, typer.Option(help="Profile the architecture with random weights on the device: full or tiny.")
+    ] = None,
+    precisions: Annotated[str, typer.Option(help="With --random-weights: bf16,int4 (Int4 = RTN g128).")] = "bf16,int4",
+    engine: Annotated[str, typer.Option(help="hf, fast or both.")] = "both",
+    contexts: Annotated[str, typer.Option(help="Totals: generate context-258 tokens after the image.")] = "2048,8192",
+    runs: Annotated[str | None, typer.Option(help="Measured runs after the warm-up: N, or one per context.")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1 or cpu (default: cuda if available).")] = None,
+    dtype: Annotated[str, typer.Option(help="Model directories: auto, bf16, fp16 or fp32.")] = "auto",
+    int4_dtype: Annotated[str, typer.Option(help="Random Int4 variant's other weights: fp16 or bf16.")] = "fp16",
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Report directory (default reports/profile/<device>-<date>).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing report directory.")] = False,
+    max_seconds: Annotated[
+        float | None, typer.Option(help="Wall-clock budget: cells that would not fit are reported as skipped.")
+    ] = None,
+    windowed: Annotated[
+        str, typer.Option(help="ENGINE@CONTEXT cells whose decode rate is estimated from windows, e.g. hf@8192.")
+    ] = "",
+    window_tokens: Annotated[int, typer.Option(help="Decoded tokens per window.")] = 64,
+    window_points: Annotated[int, typer.Option(help="Windows per windowed cell.")] = 5,
+    warmup_tokens: Annotated[int, typer.Option(help="Tokens of the warm-up run (0 = full length).")] = 64,
+    crosscheck_tokens: Annotated[int, typer.Option(help="Leading greedy tokens compared across engines.")] = 32,
+    fast_compile: Annotated[
+        str, typer.Option(help="FastEngine compile: auto, off (CUDA graph of the eager step), on, or a mode.")
+    ] = "auto",
+    kv_block: Annotated[int | None, typer.Option(help="FastEngine KV bucket size (default: whole cache).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights and pixels.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Speed and memory of BF16 vs Int4 on the seed's protocol (one image + text, generate context-258 tokens)."""
+    import time
+
+    from .profile import (
+        ProfileSettings,
+        check_out_dir,
+        parse_engines,
+        parse_int_list,
+        parse_windowed,
+        render_rich,
+        report_json,
+        report_tables,
+        run_profile,
+        write_report,
+    )
+
+    ctx = parse_int_list(contexts, "--contexts")
+    settings = ProfileSettings(
+        models=list(models or []), random_weights=random_weights,
+        precisions=[p for p in precisions.replace(" ", "").split(",") if p], engines=parse_engines(engine),
+        contexts=ctx, runs=parse_int_list(runs, "--runs") if runs else None, device=device, dtype=dtype,
+        int4_dtype=int4_dtype, max_seconds=max_seconds, windowed=parse_windowed(windowed),
+        window_tokens=window_tokens, window_points=window_points, warmup_tokens=warmup_tokens,
+        crosscheck_tokens=crosscheck_tokens, fast_compile=fast_compile, kv_block=kv_block, seed=seed,
+    )  # fmt: skip
+    settings.validate()
+    path = check_out_dir(out_dir, device, overwrite)
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        console.print(f"[dim]{time.strftime('%H:%M:%S')} +{time.monotonic() - t0:6.1f}s[/] {msg}", highlight=False)
+
+    report = run_profile(settings, log=log)
+    path = write_report(report, path, overwrite=overwrite)
+    console.print(f"report written to {path}/ (report.md, report.json, report.svg, speed.png, memory.png)")
+    if as_json:
+        emit_json(report_json(report))
+    else:
+        for note in report.notes:
+            out.print(note, highlight=False, markup=False)
+        for table in render_rich(report_tables(report)):
+            out.print(table)
+
+
+@app.command("train-mini")
+@clean_errors
+def train_mini_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to create (official layout + train_log.json).")],
+    steps: Annotated[int, typer.Option(help="Planned optimiser steps (the cosine schedule's length).")] = 6000,
+    batch: Annotated[int, typer.Option(help="Samples per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-3,
+    warmup: Annotated[int, typer.Option(help="Linear warmup steps.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the data, the init and the batch order.")] = 0,
+    size: Annotated[str, typer.Option(help="mini (the shipped geometry) or micro (tests).")] = "mini",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1.")] = "auto",
+    time_budget: Annotated[
+        float | None, typer.Option(help="Seconds for the whole run; the schedule is fitted to it, then it stops.")
+    ] = None,
+    pool: Annotated[int | None, typer.Option(help="Training samples rendered up front (default: by steps).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 on a busy machine).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing directory.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Train qvlq-mini (a small Qwen-VL-Chat) on the synthetic task suite and write it in the official layout."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TimeRemainingColumn as Eta
+
+    from .mini.train import TrainOptions, train_mini
+
+    opts = TrainOptions(
+        steps=steps, batch=batch, lr=lr, warmup=warmup, seed=seed, size=size, device=device,
+        time_budget=time_budget, pool=pool, threads=threads,
+    )
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), Eta(), console=console,
+    ) as bar:
+        task = bar.add_task("train", total=steps, info="", visible=False)
+
+        def report(event: str, info: dict) -> None:
+            if event == "phase":
+                console.print(f"[dim]{info['name']}[/]", highlight=False)
+            elif event == "plan":
+                if "device" in info:
+                    console.print(f"{info['n_params']:,} parameters, pool {info['pool']}, device {info['device']}")
+                bar.update(task, total=info["planned"], visible=True)
+            elif event == "tick":
+                bar.update(task, completed=info["step"])
+            elif event == "step":
+                bar.update(task, completed=info["step"], info=f"loss {info['loss']:.4f} lr {info['lr']:.2e}")
+            elif event == "eval":
+                accs = "  ".join(f"{k} {v:.0%}" for k, v in info["accuracy"].items())
+                label = "final (reloaded checkpoint)" if info.get("final") else f"step {info['step']}"
+                bar.console.print(f"eval {label}: {accs}", highlight=False)
+
+        result = train_mini(out_dir, opts, overwrite=overwrite, callback=report)
+    if as_json:
+        emit_json({k: v for k, v in dataclasses.asdict(result).items() if k != "log"})
+    else:
+        early = " (stopped early: time budget)" if result.stopped_early else ""
+        out.print(
+            f"wrote {result.path}: {result.steps}/{result.planned_steps} steps{early} in {result.seconds:.0f}s on "
+            f"{result.device}; final loss {result.final_loss:.4f}; "
+            f"held-out accuracy {result.eval['all']['accuracy']:.1%}"
+        )
+
+
+@app.command("eval-tasks")
+@clean_errors
+def eval_tasks_cmd(
+    model_dir: Annotated[str, typer.Argument(help="A qvlq-mini-layout model directory (float or GPTQ).")],
+    n: Annotated[int, typer.Option(help="Held-out samples (split 'eval').")] = 300,
+    seed: Annotated[int, typer.Option(help="Suite seed.")] = 0,
+    batch: Annotated[int, typer.Option(help="Samples decoded together (batched method).")] = 64,
+    method: Annotated[str, typer.Option(help="batched (token-exact with chat) or chat (one by one).")] = "batched",
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Score a model on the synthetic task suite: greedy answers, per-task accuracy with bootstrap 95% CIs."""
+    from rich.table import Table
+
+    from .mini.evaluate import evaluate_dir
+
+    with console.status(f"evaluating {model_dir} on {n} held-out samples"):
+        res = evaluate_dir(model_dir, n, seed, batch_size=batch, method=method, device=device, dtype=dtype)
+    if as_json:
+        emit_json({"model": model_dir, "n": res.n, "seed": seed, "method": res.method,
+                   "seconds": round(res.seconds, 2), "scores": res.scores})  # fmt: skip
+        return
+    table = Table(title=f"{model_dir}: held-out task accuracy (greedy, n={res.n}, seed {seed})")
+    for col in ("task", "n", "accuracy", "95% CI"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for task, s in res.scores.items():
+        table.add_row(task, str(s["n"]), f"{s['accuracy']:.1%}", f"{s['ci_low']:.1%} - {s['ci_high']:.1%}")
+    out.print(table)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,268 @@
+"""qvlq profile: statistics, the bandwidth bound, weight accounting, the tiny random-weight profile end to end
+(library and CLI), NVML absence, OOM in one cell, budget skips and the full-size refusal on CPU."""
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import qvlq.profile as prof
+from qvlq.cli import app
+from qvlq.profile import (
+    MemorySampler,
+    ProfileRefused,
+    ProfileSettings,
+    bound_tok_s,
+    downsample,
+    latency_stats,
+    percentile,
+    probe_nvml,
+    protocol_bound,
+    report_tables,
+    rtn_quantize,
+    run_profile,
+    write_report,
+)
+
+# The image prompt is 258 tokens + template and text (289 in all): 292 -> 34 new tokens.
+TINY = {"random_weights": "tiny", "device": "cpu", "runs": [1], "warmup_tokens": 4, "crosscheck_tokens": 8}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # CI boxes are small and shared; torch's thread pool spinning against other processes is 10x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------ statistics
+def test_percentiles_and_latency_stats():
+    x = [float(i) for i in range(1, 101)]
+    assert percentile(x, 50) == pytest.approx(50.5)
+    assert percentile(x, 90) == pytest.approx(90.1)
+    assert percentile(x, 99) == pytest.approx(99.01)
+    assert math.isnan(percentile([], 50))
+    s = latency_stats([10.0, 12.0, 14.0])
+    assert (s.n, s.mean_ms, s.p50_ms, s.min_ms, s.max_ms) == (3, 12.0, 12.0, 10.0, 14.0)
+    assert s.stdev_ms == pytest.approx(2.0)
+    assert latency_stats([5.0]).stdev_ms == 0.0
+    assert latency_stats([]).n == 0
+
+
+def test_downsample_keeps_means():
+    pos, vals = downsample(list(range(1000)), max_points=10)
+    assert len(pos) == len(vals) == 10
+    assert vals[0] == pytest.approx(49.5) and pos[0] == pytest.approx(49.5)
+    assert downsample([1.0, 2.0], 10) == ([0.0, 1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    ("gpu", "precision", "context", "expected"),
+    [
+        ("A100", "bf16", 2048, 138), ("A100", "bf16", 8192, 124), ("A100", "int4", 2048, 391),
+        ("A100", "int4", 8192, 299), ("H100", "bf16", 2048, 226), ("H100", "bf16", 8192, 204),
+        ("H100", "int4", 2048, 643), ("H100", "int4", 8192, 491),
+    ],
+)  # fmt: skip
+def test_bound_reproduces_protocol_table(gpu, precision, context, expected):
+    assert protocol_bound(gpu, precision, context) == pytest.approx(expected, rel=0.02)
+
+
+def test_bound_formula():
+    # no KV: bandwidth / weights; KV at the mean context of the run
+    assert bound_tok_s(1000.0, 10e9, 0, 0, 100) == pytest.approx(100.0)
+    assert bound_tok_s(1000.0, 10e9, 1e6, 0, 10_000) == pytest.approx(1000e9 / (10e9 + 5e9))
+
+
+def test_full_size_accounting_matches_protocol():
+    """Bytes read per decoded token from the real geometry (meta model): 14.20 GB BF16, 4.61 GB Int4."""
+    from qvlq.checkpoint import preset_config
+
+    cfg = preset_config("full")
+    bf16 = prof._meta_accounting(cfg, False, torch.bfloat16)
+    int4 = prof._meta_accounting(cfg, True, torch.bfloat16)
+    assert bf16.linear_params == pytest.approx(6.476e9, rel=1e-3)
+    assert bf16.read_bytes_per_token / 1e9 == pytest.approx(14.20, rel=0.005)
+    assert int4.read_bytes_per_token / 1e9 == pytest.approx(4.61, rel=0.005)
+    assert int4.bits_per_weight_linears == pytest.approx(4.156, abs=0.001)
+    assert bf16.bits_per_weight_linears == 16.0
+    assert bf16.kv_bytes_per_token == 2**19  # 0.5 MiB per context token
+
+
+def test_rtn_quantize_is_official_sym_layout():
+    from qvlq.int4 import QuantLinear, pack_gptq_v1
+
+    w = torch.randn(64, 256) * 0.02
+    codes, scales, zeros, g_idx = rtn_quantize(w, 4, 128)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    assert scales.shape == (2, 64) and bool((zeros == 8).all())
+    packed = pack_gptq_v1(codes, scales, zeros, g_idx, bits=4)
+    assert bool((packed["qzeros"] == 0x77777777).all())  # sym: every qzeros word as in the official Int4
+    ql = QuantLinear(256, 64)
+    for k, v in packed.items():
+        getattr(ql, k).copy_(v)
+    err = (ql.dequantize() - w).abs()
+    # round to nearest; +max|w| sits at 7.5 steps and clamps to 7 (the fp16 scale adds a hair)
+    assert bool((err <= scales[g_idx.long()].T * 0.51).all())
+
+
+# ------------------------------------------------------------------------------------ end to end
+def test_tiny_profile_end_to_end(tmp_path):
+    s = ProfileSettings(**TINY, contexts=[292], engines=["hf", "fast"], precisions=["bf16", "int4"],
+                        windowed=[("hf", 292)], window_tokens=4, window_points=2)  # fmt: skip
+    report = run_profile(s)
+    assert [(c.precision, c.engine, c.mode, c.status) for c in report.speed] == [
+        ("bf16", "hf", "windowed", "ok"), ("bf16", "fast", "full", "ok"),
+        ("int4", "hf", "windowed", "ok"), ("int4", "fast", "full", "ok"),
+    ]  # fmt: skip
+    for c in report.speed:
+        assert c.new_tokens == 292 - 258 and c.prompt_tokens == 289 and c.runs == 1
+        assert c.decode_tok_s > 0 and c.e2e_tok_s > 0 and c.ttft_ms > 0 and c.prefill_tok_s > 0
+        assert c.e2e_tok_s < c.decode_tok_s  # e2e includes the prefill
+        assert c.latency.p50_ms <= c.latency.p99_ms and c.bound_tok_s > 0 and c.pct_of_bound > 0
+        # full: every decode step; windowed: window_points x window_tokens steps
+        assert c.latency.n == (c.new_tokens - 1 if c.mode == "full" else 2 * 4)
+    cells = {(m.precision, m.engine, m.cell) for m in report.memory}
+    assert ("int4", "fast", "encode 292") in cells and ("bf16", "hf", "generate 292") in cells
+    for m in report.memory:  # CPU: host RSS only, NVML and allocator figures absent
+        assert m.status == "ok" and m.host_rss_bytes > 0 and m.nvml_process_bytes is None and m.allocated_bytes is None
+    bf16, int4 = report.models
+    assert bf16.random_weights and bf16.bits_per_weight_linears == 16.0 and bf16.dtype == "bfloat16"
+    assert int4.bits_per_weight_linears == pytest.approx(4.156, abs=0.001) and int4.dtype == "float16"
+    assert sum(int4.int4_backends.values()) == 2 * 5  # every block linear is a QuantLinear
+    assert [(x.precision, x.compared) for x in report.crosschecks] == [("bf16", 8), ("int4", 8)]
+    assert set(report.engines) == {f"{p}/{e}@292" for p in ("bf16", "int4") for e in ("hf", "fast")}
+    assert report.engines["int4/fast@292"]["engine"] == "fast"
+    assert any("RANDOM" in n for n in report.notes)
+
+    out = write_report(report, tmp_path / "r")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["memory.png", "report.json", "report.md", "report.svg", "speed.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # atomic: no temp dirs left
+    data = json.loads((out / "report.json").read_text())
+    assert data["speed"][0]["decode_tok_s"] > 0 and data["environment"]["nvml"].startswith("n/a")
+    md = (out / "report.md").read_text()
+    assert "WEIGHTS ARE RANDOM" in md and "| bf16 | hf |" in md and "n/a" in md
+    assert (out / "report.svg").read_text().lstrip().startswith("<svg")
+    for png in ("speed.png", "memory.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_profile_json(tmp_path):
+    out = tmp_path / "cli"
+    args = ["profile", "--random-weights", "tiny", "--precisions", "int4", "--engine", "hf", "--contexts", "292",
+            "--runs", "1", "--warmup-tokens", "4", "--device", "cpu", "--json", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [c["status"] for c in data["speed"]] == ["ok"]
+    assert data["models"][0]["precision"] == "int4" and data["settings"]["contexts"] == [292]
+    assert (out / "report.md").is_file() and (out / "speed.png").is_file()
+    # an existing report is not replaced without --overwrite
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_contexts_shorter_than_the_image_prompt_are_refused():
+    with pytest.raises(ProfileRefused, match="too short"):
+        run_profile(ProfileSettings(**TINY, contexts=[64, 128]))
+
+
+# ------------------------------------------------------------------------------------ failure paths
+def test_nvml_absent_is_na(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    p = probe_nvml(torch.device("cuda"))
+    assert p.status.startswith("n/a") and p.device_used() is None and p.process_used(1) is None
+    broken = types.ModuleType("pynvml")
+
+    def fail():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    broken.nvmlInit = fail
+    monkeypatch.setitem(sys.modules, "pynvml", broken)
+    assert "NVML Shared Library Not Found" in probe_nvml(torch.device("cuda")).status
+    with MemorySampler(torch.device("cpu"), p, interval_s=0.01) as ms:
+        torch.ones(1000).sum()
+    assert ms.reading.nvml_process is None and ms.reading.nvml_device is None and ms.reading.host_rss > 0
+
+
+def test_oom_in_one_cell_is_reported_and_the_rest_runs(monkeypatch):
+    real = prof.timed_generate
+
+    def flaky(engine, ids, pixels, n_new, device, deadline=None):
+        if n_new == 296 - 258:  # the measured run of the 296 cell (warm-ups are shorter)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(engine, ids, pixels, n_new, device, deadline)
+
+    monkeypatch.setattr(prof, "timed_generate", flaky)
+    report = run_profile(ProfileSettings(**TINY, contexts=[292, 296], engines=["hf"], precisions=["bf16"]))
+    status = {c.context: c.status for c in report.speed}
+    assert status == {292: "ok", 296: "OOM"}
+    mem = {m.cell: m.status for m in report.memory}
+    assert mem == {"encode 292": "ok", "generate 292": "ok", "encode 296": "ok", "generate 296": "OOM"}
+    main = report_tables(report)[0]
+    assert "OOM" in main.rows[0][3] and main.rows[0][2] != "OOM"
+
+
+def test_budget_skips_cells_instead_of_overrunning():
+    s = ProfileSettings(**TINY, contexts=[292], engines=["hf"], precisions=["bf16"], max_seconds=0.001)
+    report = run_profile(s)
+    assert [c.status for c in report.speed] == ["skipped: budget"]
+    assert {m.status for m in report.memory} == {"skipped: budget"}
+    assert report_tables(report)[0].rows[0][2] == "skipped: budget"
+
+
+def test_full_size_on_cpu_is_refused_with_an_estimate():
+    with pytest.raises(ProfileRefused, match=r"refused: .* GB/s .* s/token.* h; run it on a GPU"):
+        run_profile(ProfileSettings(random_weights="full", device="cpu"))
+    result = CliRunner().invoke(app, ["profile", "--random-weights", "full", "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "full-size profile on CPU refused" in result.output and "Traceback" not in result.output
+
+
+def test_nvml_readings_are_sampled(monkeypatch):
+    """With an NVML that answers, the sampler keeps the peak device and process figures (this pid only)."""
+    import os
+
+    fake = types.ModuleType("pynvml")
+    used = iter(range(1_000, 10_000_000, 1_000))
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetHandleByUUID = lambda uuid: "handle"
+    fake.nvmlDeviceGetHandleByIndex = lambda i: "handle"
+    fake.nvmlSystemGetDriverVersion = lambda: "555.42"
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=next(used))
+    fake.nvmlDeviceGetComputeRunningProcesses = lambda h: [
+        types.SimpleNamespace(pid=os.getpid() + 1, usedGpuMemory=10**12),  # another process: ignored
+        types.SimpleNamespace(pid=os.getpid(), usedGpuMemory=123_456),
+    ]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    p = probe_nvml(torch.device("cuda"))
+    assert p.status == "ok" and p.driver == "555.42"
+    with MemorySampler(torch.device("cpu"), p, interval_s=0.005) as ms:
+        import time
+
+        time.sleep(0.05)
+    assert ms.reading.nvml_process == 123_456 and ms.reading.nvml_device >= 3_000
+
+
+def test_unexpected_error_in_one_cell_is_reported(monkeypatch):
+    real = prof.make_engine
+
+    def broken(name, model, max_seq_len, fast_options=None):
+        if name == "fast":
+            raise RuntimeError("inductor exploded")
+        return real(name, model, max_seq_len, fast_options)
+
+    monkeypatch.setattr(prof, "make_engine", broken)
+    s = ProfileSettings(**TINY, contexts=[292], engines=["fast", "hf"], precisions=["bf16"],
+                        windowed=[("hf", 292)], window_tokens=2, window_points=2)  # fmt: skip
+    report = run_profile(s)
+    status = {c.engine: c.status for c in report.speed}
+    assert status == {"fast": "error: RuntimeError: inductor exploded", "hf": "ok"}
+    assert report.crosschecks == []  # nothing to compare against
