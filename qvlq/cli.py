@@ -423,6 +423,7 @@ def train_mini_cmd(
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), Eta(), console=console,
     ) as bar:
         task = bar.add_task("train", total=steps, info="", visible=False)
+        plain = {"every": max(1, steps // 10), "next": 0}  # no live bar off a terminal: print lines instead
 
         def report(event: str, info: dict) -> None:
             if event == "phase":
@@ -431,10 +432,17 @@ def train_mini_cmd(
                 if "device" in info:
                     console.print(f"{info['n_params']:,} parameters, pool {info['pool']}, device {info['device']}")
                 bar.update(task, total=info["planned"], visible=True)
+                plain["every"] = max(1, info["planned"] // 10)
             elif event == "tick":
                 bar.update(task, completed=info["step"])
             elif event == "step":
                 bar.update(task, completed=info["step"], info=f"loss {info['loss']:.4f} lr {info['lr']:.2e}")
+                if not console.is_terminal and info["step"] >= plain["next"]:
+                    plain["next"] = info["step"] + plain["every"]
+                    console.print(
+                        f"step {info['step']}/{info['planned']} loss {info['loss']:.4f} lr {info['lr']:.2e} "
+                        f"{info['elapsed']:.0f}s", highlight=False,
+                    )  # fmt: skip
             elif event == "eval":
                 accs = "  ".join(f"{k} {v:.0%}" for k, v in info["accuracy"].items())
                 label = "final (reloaded checkpoint)" if info.get("final") else f"step {info['step']}"
@@ -481,6 +489,85 @@ def eval_tasks_cmd(
     for task, s in res.scores.items():
         table.add_row(task, str(s["n"]), f"{s['accuracy']:.1%}", f"{s['ci_low']:.1%} - {s['ci_high']:.1%}")
     out.print(table)
+
+
+@app.command("compare")
+@clean_errors
+def compare_cmd(
+    bf16: Annotated[str, typer.Option(help="BF16 model directory (official layout) or hub id.")],
+    int4: Annotated[str, typer.Option(help="GPTQ Int4 model directory or hub id.")],
+    data: Annotated[Path, typer.Option(help="TouchStone TSV (touchstone_20230831.tsv layout).")],
+    category: Annotated[str | None, typer.Option(help="Only items in this category (comma list: any).")] = None,
+    task: Annotated[str | None, typer.Option(help="Only items of this task_name.")] = None,
+    lang: Annotated[str | None, typer.Option(help="en or zh (zh: the question holds a Han ideograph).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Stratified sample of N items (category proportions kept).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --limit sample and of --sample decoding.")] = 0,
+    judge: Annotated[str, typer.Option(help="none or openai (any OpenAI-compatible endpoint).")] = "none",
+    judge_url: Annotated[str, typer.Option(help="Judge base URL (POST {url}/chat/completions).")] = (
+        "https://api.openai.com/v1"
+    ),
+    judge_model: Annotated[str, typer.Option(help="Judge model name.")] = "gpt-4",
+    judge_key_env: Annotated[str, typer.Option(help="Environment variable holding the judge API key.")] = (
+        "OPENAI_API_KEY"
+    ),
+    judge_workers: Annotated[int, typer.Option(help="Concurrent judge requests.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 512,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Seeded sampling or greedy (default).")] = False,
+    temperature: Annotated[float, typer.Option(help="With --sample.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="With --sample.")] = 1.0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32 (both models).")] = "auto",
+    cache: Annotated[Path | None, typer.Option(help="Response/judge cache directory (default OUT/cache).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Report directory (default reports/compare/<bf16>-vs-<int4>).")
+    ] = None,
+    shard: Annotated[str | None, typer.Option(help="Only shard i/n (items i::n), into the cache; no report.")] = None,
+    merge: Annotated[bool, typer.Option(help="Only build the report from the cache of finished shards.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """BF16 vs Int4 on TouchStone: both models answer through the chat API, a judge scores them (optional),
+    and teacher-forced KL / top-1 agreement / exact match measure the difference without one.
+    Under torchrun (RANK/WORLD_SIZE) every rank does items rank::world and rank 0 writes the report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from . import compare as cmp
+
+    settings = cmp.CompareSettings(
+        bf16=bf16, int4=int4, data=str(data), category=category, task=task, lang=lang, limit=limit, seed=seed,
+        max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, judge=judge,
+        judge_url=judge_url, judge_model=judge_model, judge_key_env=judge_key_env, judge_workers=judge_workers,
+        device=device, dtype=dtype, cache=str(cache) if cache else None, out=str(out_dir) if out_dir else None,
+    )  # fmt: skip
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = cmp.run_compare(
+            settings, shard=cmp.parse_shard(shard) if shard else None, merge_only=merge, progress=progress,
+            loader=lambda d: load_model_and_tokenizer(d, device, dtype),
+        )  # fmt: skip
+    if result.report is None:
+        sh = result.shard
+        if as_json and shard:  # torchrun ranks > 0 stay off stdout: rank 0 prints the report there
+            emit_json(sh)
+        elif sh is not None:
+            console.print(f"shard {sh.rank}/{sh.world}: {sh.items} items, generated {sh.generated}, "
+                          f"teacher-forced {sh.teacher_forced} in {sh.seconds:.1f} s")  # fmt: skip
+        return
+    path = cmp.write_report(result.report, cmp.out_dir(settings))
+    console.print(f"report written to {path}/ (report.md, report.json, report.svg)")
+    if as_json:
+        emit_json(cmp.report_json(result.report))
+    else:
+        for table in cmp.rich_tables(result.report):
+            out.print(table)
 
 
 def main() -> None:

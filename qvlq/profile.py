@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
-import io
 import json
 import math
 import os
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 from .model.loading import QUANTIZED_LINEARS
+from .report import TableSpec, markdown_tables, md_escape, render_rich, save_tables_svg  # noqa: F401 (cli imports render_rich here)
 
 Log = Callable[[str], None]
 
@@ -1452,14 +1452,6 @@ def report_notes(s: ProfileSettings, env: Environment, bandwidth: float, prompt:
 
 
 # ------------------------------------------------------------------------------------ rendering
-@dataclass
-class TableSpec:
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    caption: str = ""
-
-
 def fmt(x: float | None, nd: int = 1) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -1604,34 +1596,10 @@ def report_tables(report: ProfileReport) -> list[TableSpec]:
     return tables
 
 
-def render_rich(tables: list[TableSpec]) -> list[Any]:
-    from rich.table import Table
-
-    out = []
-    for t in tables:
-        rt = Table(title=t.title, caption=t.caption or None, show_lines=False, header_style="bold")
-        for c in t.columns:
-            rt.add_column(c, overflow="fold")
-        for r in t.rows:
-            rt.add_row(*r)
-        out.append(rt)
-    return out
-
-
 def render_markdown(report: ProfileReport, tables: list[TableSpec], figures: Sequence[str] = ()) -> str:
-    def esc(x: str) -> str:
-        return x.replace("|", "\\|").replace("\n", " ")
-
     lines = [f"# qvlq profile: {report.environment.device_name}", ""]
-    lines += [f"- {esc(n)}" for n in report.notes] + [""]
-    for t in tables:
-        lines += [f"## {t.title}", ""]
-        lines.append("| " + " | ".join(esc(c) or " " for c in t.columns) + " |")
-        lines.append("|" + "---|" * len(t.columns))
-        lines += ["| " + " | ".join(esc(x) for x in r) + " |" for r in t.rows]
-        if t.caption:
-            lines += ["", t.caption]
-        lines.append("")
+    lines += [f"- {md_escape(n)}" for n in report.notes] + [""]
+    lines += markdown_tables(tables)
     for f in figures:
         lines += [f"![{f}]({f})", ""]
     return "\n".join(lines)
@@ -1721,8 +1689,6 @@ def check_out_dir(out: str | os.PathLike | None, device: str | None, overwrite: 
 
 def write_report(report: ProfileReport, out: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """report.json, report.md, report.svg, speed.png and memory.png, written atomically into `out`."""
-    from rich.console import Console
-
     from .io import atomic_dir, atomic_write_text
 
     out = Path(out) if out is not None else default_out_dir(report.settings.get("device"))
@@ -1732,12 +1698,7 @@ def write_report(report: ProfileReport, out: str | os.PathLike | None = None, ov
         plot_speed(report, tmp / "speed.png")
         plot_memory(report, tmp / "memory.png")
         atomic_write_text(tmp / "report.md", render_markdown(report, tables, ["speed.png", "memory.png"]))
-        con = Console(record=True, width=220, file=io.StringIO())
-        for n in report.notes:
-            con.print(n, highlight=False, markup=False)
-        for t in render_rich(tables):
-            con.print(t)
-        con.save_svg(str(tmp / "report.svg"), title="qvlq profile")
+        save_tables_svg(tmp / "report.svg", tables, report.notes, title="qvlq profile")
     return out
 
 
