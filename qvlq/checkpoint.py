@@ -69,16 +69,19 @@ def tensor_inventory(config: QWenConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def init_tensor(name: str, shape: tuple[int, ...], config: QWenConfig, seed: int) -> torch.Tensor:
-    """Deterministic per-tensor init (independent of order and sharding)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+def init_tensor(
+    name: str, shape: tuple[int, ...], config: QWenConfig, seed: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Deterministic per-tensor init (independent of order and sharding). `device` "cuda" draws from a
+    seeded CUDA generator: just as deterministic and far faster for `full`, but other values than "cpu"."""
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     std = config.initializer_range
     if name.endswith("attn_pool.pos_embed"):
         return sincos_pos_embed_2d(shape[1], int(round(shape[0] ** 0.5)))
     if name.endswith("visual.positional_embedding"):
-        return torch.randn(shape, generator=g) * shape[1] ** -0.5
+        return torch.randn(shape, generator=g, device=device) * shape[1] ** -0.5
     if name.endswith("visual.proj"):
-        return torch.randn(shape, generator=g) * shape[0] ** -0.5
+        return torch.randn(shape, generator=g, device=device) * shape[0] ** -0.5
     is_norm = any(t in name for t in ("ln_1", "ln_2", "ln_f", "ln_pre", "ln_post", "ln_q", "ln_kv"))
     if is_norm:
         return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
@@ -86,7 +89,7 @@ def init_tensor(name: str, shape: tuple[int, ...], config: QWenConfig, seed: int
         return torch.zeros(shape)
     if name.endswith("c_proj.weight") and name.startswith("transformer.h."):
         std = std / (2 * config.num_hidden_layers) ** 0.5  # residual-branch scaling, as the reference init
-    return torch.randn(shape, generator=g) * std
+    return torch.randn(shape, generator=g, device=device) * std
 
 
 @dataclass
@@ -117,8 +120,10 @@ def init_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     on_tensor: Callable[[str, int], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> CheckpointInfo:
-    """Write a random-weight Qwen-VL-Chat to `out` (atomically); `on_tensor(name, nbytes)` reports progress."""
+    """Write a random-weight Qwen-VL-Chat to `out` (atomically); `on_tensor(name, nbytes)` reports progress.
+    `device="cuda"` generates every tensor on the GPU (see init_tensor): minutes less for `full`."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r} (choose {', '.join(DTYPES)})")
     config = preset_config(size)
@@ -132,7 +137,7 @@ def init_checkpoint(
         for names in shards:
             tensors = {}
             for n in names:
-                tensors[n] = init_tensor(n, shapes[n], config, seed).to(tdtype)
+                tensors[n] = init_tensor(n, shapes[n], config, seed, device).to(tdtype).cpu()
                 if on_tensor:
                     on_tensor(n, sizes[n])
             yield tensors

@@ -26,6 +26,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed earlier run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -291,7 +292,7 @@ def quantize(
     else:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        state.write_text(json.dumps({"fingerprint": fingerprint, "source": str(src)}))
+        write_json(state, {"fingerprint": fingerprint, "source": str(src)})  # atomic: a kill cannot truncate it
 
     result = QuantizeResult(
         out=str(out), source=str(src), spec=asdict(spec) | {"true_sequential": true_sequential},
@@ -361,13 +362,27 @@ def quantize(
 
     # 5. assemble the drop-in Int4 directory
     emit("write", out=str(out))
-    _write_output(src, out, config, reader, work, spec, true_sequential, overwrite, result)
+    try:
+        _write_output(src, out, config, reader, work, spec, true_sequential, overwrite, result)
+    except OSError as e:
+        raise OSError(f"writing {out} failed ({e}); the quantized blocks are kept in {work}: rerun with --resume") from e
     shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - t_start
     if dev.type == "cuda":
         result.peak_device_bytes = int(torch.cuda.max_memory_allocated(dev))
-    result.peak_rss_bytes = int(psutil.Process().memory_info().rss)
+    result.peak_rss_bytes = _peak_rss_bytes()
     return result
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident set so far (psutil's rss is only the current one)."""
+    try:
+        import resource
+    except ImportError:  # Windows: peak working set
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
 def _quantize_block(
