@@ -365,7 +365,7 @@ def quantize(
     try:
         _write_output(src, out, config, reader, work, spec, true_sequential, overwrite, result)
     except OSError as e:
-        raise OSError(f"writing {out} failed ({e}); the quantized blocks are kept in {work}: rerun with --resume") from e
+        raise OSError(f"writing {out} failed ({e}); the finished blocks are kept in {work}: rerun with --resume") from e
     shutil.rmtree(work, ignore_errors=True)
     result.seconds = time.perf_counter() - t_start
     if dev.type == "cuda":
