@@ -235,6 +235,7 @@ def quantize_cmd(
     static_groups: Annotated[bool | None, typer.Option("--static-groups/--no-static-groups")] = None,
     damp_percent: Annotated[float | None, typer.Option(help="Hessian damping (default 0.01).")] = None,
     true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential")] = True,
+    method: Annotated[str, typer.Option(help="gptq, or rtn for the round-to-nearest baseline.")] = "gptq",
     num_samples: Annotated[int, typer.Option(help="When calibrating on the fly: samples.")] = 128,
     max_len: Annotated[int, typer.Option(help="When calibrating on the fly: tokens per sample.")] = 2048,
     seed: Annotated[int, typer.Option(help="When calibrating on the fly: sampling seed.")] = 0,
@@ -299,7 +300,7 @@ def quantize_cmd(
 
         result = quantize(
             src, calibration, out, spec, true_sequential=true_sequential, device=device, overwrite=overwrite,
-            resume=resume, adapter=adapter, offload=offload, on_event=on_event,
+            resume=resume, adapter=adapter, offload=offload, method=method, on_event=on_event,
         )
     if as_json:
         emit_json(result)

@@ -154,6 +154,28 @@ def proxy_loss(delta: Tensor, h: Tensor, block: int = 512) -> float:
     return float(total)
 
 
+def round_to_nearest(weight: Tensor, spec: QuantSpec, H: Tensor | None = None) -> QuantResult:
+    """The RTN baseline in the same format: contiguous groups (g_idx = i // group_size), scale/zero
+    from the unmodified W. With H, `loss` (= `rtn_loss`) is the same proxy loss GPTQ reports."""
+    t0 = time.perf_counter()
+    out_f, in_f = weight.shape
+    spec.validate(in_f)
+    gs = in_f if spec.group_size == -1 else spec.group_size
+    wt = weight.detach().float().T
+    g_idx = torch.arange(in_f, device=wt.device) // gs
+    scales, zeros = _grouped_params(wt, g_idx, in_f // gs, spec)
+    g = g_idx.long()
+    codes = _quant(wt, scales[g], zeros[g], spec.maxq).T.to(torch.uint8).contiguous()
+    res = QuantResult(
+        codes=codes, scales=scales, zeros=zeros.to(torch.int32), g_idx=g_idx.to(torch.int32), bits=spec.bits,
+        group_size=spec.group_size, loss=0.0, rtn_loss=0.0, damp=0.0, seconds=0.0, n_samples=0,
+    )
+    if H is not None:
+        res.loss = res.rtn_loss = proxy_loss(weight.detach().float() - res.dequant(), H)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
 class GPTQ:
     """Accumulates one layer's Hessian from calibration inputs, then quantizes its weight."""
 

@@ -278,23 +278,12 @@ def build_random_model(size: str, device: torch.device, seed: int = 0, dtype: to
 def rtn_quantize(
     w: torch.Tensor, bits: int = 4, group_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest symmetric quantization of W [out, in] in groups of input columns, with the
-    GPTQ/AutoGPTQ conventions: scale = 2 * max|w| / maxq (fp16-representable), zero = 2^(bits-1).
-    Returns codes uint8 [out, in], scales fp32 [G, out], zeros int32 [G, out], g_idx int32 [in]."""
-    out_f, in_f = w.shape
-    maxq = 2**bits - 1
-    n_groups = math.ceil(in_f / group_size)
-    wf = w.detach().float()
-    pad = n_groups * group_size - in_f  # a ragged last group (tiny geometry) is padded with zeros
-    wp = torch.nn.functional.pad(wf, (0, pad)) if pad else wf
-    amax = wp.view(out_f, n_groups, group_size).abs().amax(-1)  # [out, G]
-    scale = (2 * amax / maxq).clamp(2.0**-24, 65504.0).half().float()  # the checkpoint stores fp16
-    g_idx = torch.arange(in_f, device=w.device, dtype=torch.int32) // group_size
-    zero = 2 ** (bits - 1)
-    per_col = scale[:, g_idx.long()]  # [out, in]
-    codes = torch.clamp(torch.round(wf / per_col) + zero, 0, maxq).to(torch.uint8)
-    zeros = torch.full((n_groups, out_f), zero, dtype=torch.int32, device=w.device)
-    return codes, scale.T.contiguous(), zeros, g_idx
+    """Round-to-nearest symmetric codes of W [out, in] (qvlq.gptq.round_to_nearest, the RTN of the
+    quantize baseline): codes uint8 [out, in], scales fp32 [G, out], zeros int32 [G, out], g_idx int32."""
+    from .gptq import QuantSpec, round_to_nearest
+
+    r = round_to_nearest(w, QuantSpec(bits=bits, group_size=group_size))
+    return r.codes, r.scales, r.zeros, r.g_idx
 
 
 def quantize_model_rtn(

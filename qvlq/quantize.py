@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .gptq import GPTQ, QuantSpec
+from .gptq import GPTQ, QuantSpec, round_to_nearest
 from .int4 import dequantize_gptq_v1, quantized_state_dict_entries
 from .io import atomic_dir, plan_shards, write_json, write_shards
 from .lora import LoraAdapter
@@ -253,10 +253,14 @@ def quantize(
     resume: bool = False,
     adapter: str | Path | None = None,
     offload: str = "auto",
+    method: str = "gptq",
     on_event: Event | None = None,
 ) -> QuantizeResult:
     """Quantize the Qwen-VL checkpoint in `model_dir` with `calibration` (a qvlq.calibrate
-    CalibrationSet) and write an official-layout Int4 directory to `out` (atomically)."""
+    CalibrationSet) and write an official-layout Int4 directory to `out` (atomically).
+    method "rtn" writes the round-to-nearest baseline in the same format (losses on the same Hessians)."""
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"unknown method {method!r} (gptq or rtn)")
     t_start = time.perf_counter()
     spec = spec or QuantSpec()
     emit = on_event or (lambda *a, **k: None)
@@ -281,7 +285,7 @@ def quantize(
 
     fingerprint = _fingerprint(
         (src / "config.json").read_text(), sorted(reader.where), asdict(spec), true_sequential, str(dev.type),
-        str(cdtype), lora.fingerprint() if lora else None,
+        str(cdtype), lora.fingerprint() if lora else None, method,
         *[t for s in samples for t in (s.input_ids, s.pixels) if t is not None],
     )
     work = _work_dir(out)
@@ -295,7 +299,7 @@ def quantize(
         write_json(state, {"fingerprint": fingerprint, "source": str(src)})  # atomic: a kill cannot truncate it
 
     result = QuantizeResult(
-        out=str(out), source=str(src), spec=asdict(spec) | {"true_sequential": true_sequential},
+        out=str(out), source=str(src), spec=asdict(spec) | {"true_sequential": true_sequential, "method": method},
         device=str(dev), compute_dtype=str(cdtype).removeprefix("torch."), n_blocks=n_blocks,
         calibration=asdict(calibration.stats) if hasattr(calibration, "stats") else {},
     )
@@ -348,7 +352,7 @@ def quantize(
             result.resumed_blocks += 1
             emit("block_resumed", block=i)
         else:
-            tensors, logs = _quantize_block(block, model, i, acts, spec, true_sequential, dev, cdtype, emit)
+            tensors, logs = _quantize_block(block, model, i, acts, spec, true_sequential, dev, cdtype, emit, method)
             tensors[f"{prefix}ln_1.weight"] = block.ln_1.weight.detach().to(torch.float16)
             tensors[f"{prefix}ln_2.weight"] = block.ln_2.weight.detach().to(torch.float16)
             _save_block(work, i, tensors, logs)
@@ -395,6 +399,7 @@ def _quantize_block(
     dev: torch.device,
     cdtype: torch.dtype,
     emit: Event,
+    method: str = "gptq",
 ) -> tuple[dict[str, torch.Tensor], list[ModuleLog]]:
     groups = SEQUENTIAL_GROUPS if true_sequential else [sum(SEQUENTIAL_GROUPS, [])]
     tensors: dict[str, torch.Tensor] = {}
@@ -416,7 +421,10 @@ def _quantize_block(
             for hd in handles:
                 hd.remove()
         for name, m in mods.items():
-            res = gptqs[name].quantize(m.weight.data, spec)
+            if method == "rtn":
+                res = round_to_nearest(m.weight.data, spec, gptqs[name].H)
+            else:
+                res = gptqs[name].quantize(m.weight.data, spec)
             entries = quantized_state_dict_entries(f"transformer.h.{i}.{name}", res, m.bias)
             tensors.update(entries)
             p = f"transformer.h.{i}.{name}."
