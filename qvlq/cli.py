@@ -571,6 +571,46 @@ def compare_cmd(
             out.print(table)
 
 
+@app.command("demo")
+@clean_errors
+def demo_cmd(
+    model: Annotated[str | None, typer.Option(help="A qvlq-mini-layout model (default: the shipped one).")] = None,
+    out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/demo"),
+    n_calib: Annotated[int, typer.Option(help="Calibration samples.")] = 64,
+    n_eval: Annotated[int, typer.Option(help="Held-out samples scored per model.")] = 150,
+    seed: Annotated[int, typer.Option(help="Seed of the task suite samples.")] = 0,
+    work: Annotated[Path | None, typer.Option(help="Keep the intermediate checkpoints here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """The whole pipeline on qvlq-mini: calibrate -> quantize -> chat -> profile -> compare -> report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .demo import STEPS, DemoOptions, demo_tables, run_demo
+    from .report import render_rich
+
+    opts = DemoOptions(model=model, out=str(out), n_calib=n_calib, n_eval=n_eval, seed=seed,
+                       work=str(work) if work else None)  # fmt: skip
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[msg]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("demo", total=len(STEPS), msg="")
+        seen: list[str] = []
+
+        def on_event(step: str, msg: str) -> None:
+            if step not in seen:
+                seen.append(step)
+                bar.update(task, completed=len(seen) - 1)
+            bar.update(task, description=step, msg=msg)
+
+        result = run_demo(opts, on_event)
+        bar.update(task, completed=len(STEPS), msg="done")
+    if as_json:
+        emit_json(result)
+        return
+    for t in render_rich(demo_tables(result)):
+        console.print(t)
+    console.print(f"chat (Int4): {result.chat.get('response')!r}; report in {result.out}")
+
+
 def main() -> None:
     app()
 

@@ -423,6 +423,7 @@ def _quantize_block(
         for name, m in mods.items():
             if method == "rtn":
                 res = round_to_nearest(m.weight.data, spec, gptqs[name].H)
+                res.n_samples = gptqs[name].n_samples
             else:
                 res = gptqs[name].quantize(m.weight.data, spec)
             entries = quantized_state_dict_entries(f"transformer.h.{i}.{name}", res, m.bias)
