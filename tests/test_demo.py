@@ -22,7 +22,7 @@ def test_shipped_checkpoint_is_official_layout() -> None:
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    res = run_demo(DemoOptions(out=str(out), n_calib=6, n_eval=12, max_len=256, profile_contexts=(96, 112)))
+    res = run_demo(DemoOptions(out=str(out), n_calib=6, n_eval=12, max_len=256, profile_contexts=(112, 128)))
     for name in ("report.md", "report.json", "report.svg", "profile/report.md", "compare/report.md"):
         assert (out / name).is_file(), name
     names = [v.name for v in res.variants]
