@@ -92,7 +92,7 @@ from safetensors.torch import load_file, save_file
 
 from .chat import DEFAULT_SYSTEM, render_conversation
 from .image import ImageLoadError, load_image, preprocess
-from .io import OutputExistsError, atomic_dir
+from .io import OutputExistsError, atomic_dir, sha256_file
 
 FORMAT_NAME = "qvlq-calibration"
 FORMAT_VERSION = 1
@@ -440,18 +440,10 @@ def _chunks(ids: list[int], tokenizer: Any, max_len: int) -> list[list[int]]:
     return out
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _source_hashes(src: _Source) -> dict[str, str]:
     if src.path.is_dir():
-        return {p.relative_to(src.path).as_posix(): _sha256_file(p) for p in src.files}
-    return {src.path.name: _sha256_file(src.path)}
+        return {p.relative_to(src.path).as_posix(): sha256_file(p) for p in src.files}
+    return {src.path.name: sha256_file(src.path)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ from PIL import Image
 from .chat import DEFAULT_SYSTEM, chat, make_context
 from .generate import Sampling
 from .grounding import iou, parse_boxes
+from .io import sha256_file
 from .report import TableSpec, markdown_tables, md_escape, render_rich, save_tables_svg
 from .stats import bootstrap_ci
 from .tokenizer import from_list_format
@@ -380,14 +381,6 @@ class ComparePlan:
         return _sha([self.fingerprints, self.decoding_id, [it.uid for it in self.items]])[:16]
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def default_out_dir(settings: CompareSettings) -> Path:
     name = f"{Path(settings.bf16).name}-vs-{Path(settings.int4).name}"
     return Path("reports") / "compare" / (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run")
@@ -417,7 +410,7 @@ def plan_compare(settings: CompareSettings) -> ComparePlan:
     out = Path(settings.out) if settings.out else default_out_dir(settings)
     cache = Path(settings.cache) if settings.cache else out / "cache"
     return ComparePlan(
-        settings, items, dirs, fps, _sha(settings.decoding())[:16], cache, _file_sha256(Path(settings.data))
+        settings, items, dirs, fps, _sha(settings.decoding())[:16], cache, sha256_file(Path(settings.data))
     )
 
 
