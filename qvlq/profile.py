@@ -1325,7 +1325,12 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
             configs[f"{label}:{d}"] = cfg
             n_queries = cfg.n_queries
     image_tokens = n_queries + 2
-    tokenizer = bundled_tokenizer(n_queries)
+    if s.models:  # a model's own vocabulary (qvlq-mini has a small one); random weights use the real one
+        from .tokenizer import QWenTokenizer
+
+        tokenizer = QWenTokenizer.from_pretrained(str(resolve_model_dir(s.models[0])))
+    else:
+        tokenizer = bundled_tokenizer(n_queries)
     P = len(prompt_ids(tokenizer))
     too_short = [c for c in s.contexts if c - 1 < P or c - image_tokens < 2]
     if too_short:
