@@ -394,12 +394,14 @@ def profile_cmd(
 @clean_errors
 def train_mini_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Directory to create (official layout + train_log.json).")],
-    steps: Annotated[int, typer.Option(help="Planned optimiser steps (the cosine schedule's length).")] = 6000,
+    steps: Annotated[
+        int, typer.Option(help="Planned steps (cosine length); with --time-budget, cut to what fits.")
+    ] = 30000,
     batch: Annotated[int, typer.Option(help="Samples per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-3,
     warmup: Annotated[int, typer.Option(help="Linear warmup steps.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the data, the init and the batch order.")] = 0,
-    size: Annotated[str, typer.Option(help="mini (the shipped geometry) or micro (tests).")] = "mini",
+    size: Annotated[str, typer.Option(help="mini (GPU-sized), small (the shipped one, CPU) or micro (tests).")] = "mini",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1.")] = "auto",
     time_budget: Annotated[
         float | None, typer.Option(help="Seconds for the whole run; the schedule is fitted to it, then it stops.")
@@ -437,13 +439,13 @@ def train_mini_cmd(
             elif event == "tick":
                 bar.update(task, completed=info["step"])
             elif event == "step":
-                bar.update(task, completed=info["step"], info=f"loss {info['loss']:.4f} lr {info['lr']:.2e}")
+                aux = f" aux {info['aux_loss']:.3f}" if info.get("aux_loss") is not None else ""
+                text = f"loss {info['loss']:.4f}{aux} lr {info['lr']:.2e}"
+                bar.update(task, completed=info["step"], info=text)
                 if not console.is_terminal and info["step"] >= plain["next"]:
                     plain["next"] = info["step"] + plain["every"]
-                    console.print(
-                        f"step {info['step']}/{info['planned']} loss {info['loss']:.4f} lr {info['lr']:.2e} "
-                        f"{info['elapsed']:.0f}s", highlight=False,
-                    )  # fmt: skip
+                    line = f"step {info['step']}/{info['planned']} {text} {info['elapsed']:.0f}s"
+                    console.print(line, highlight=False)
             elif event == "eval":
                 accs = "  ".join(f"{k} {v:.0%}" for k, v in info["accuracy"].items())
                 label = "final (reloaded checkpoint)" if info.get("final") else f"step {info['step']}"

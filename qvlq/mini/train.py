@@ -89,6 +89,7 @@ class Buffers:
     lengths: np.ndarray  # int32 [n]
     tasks: np.ndarray  # int8 [n], index into TASKS
     cells: np.ndarray  # int8 [n, grid * grid], auxiliary targets (see cell_labels)
+    boxes: np.ndarray  # float32 [n, grid * grid, 4], the labelled object's box / image size
 
     @classmethod
     def allocate(cls, n: int, image_size: int, max_len: int, n_cells: int = 1) -> Buffers:
@@ -98,7 +99,7 @@ class Buffers:
         return cls(
             shared((n, image_size, image_size, 3), torch.uint8), shared((n, max_len), torch.int32),
             shared((n, max_len), torch.int32), shared((n,), torch.int32), shared((n,), torch.int8),
-            shared((n, n_cells), torch.int8),
+            shared((n, n_cells), torch.int8), shared((n, n_cells, 4), torch.float32),
         )  # fmt: skip
 
 
@@ -106,6 +107,10 @@ N_CELL_CLASSES = 1 + len(PALETTE) * len(SHAPE_KINDS) + len(WORDS)  # background,
 
 
 def cell_labels(scene: Scene, grid: int, min_cover: float = 0.3) -> np.ndarray:
+    return cell_targets(scene, grid, min_cover)[0]
+
+
+def cell_targets(scene: Scene, grid: int, min_cover: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
     """What each cell of a ``grid`` x ``grid`` split of the picture shows: 0 background,
     ``1 + colour * kinds + kind`` for a shape, ``1 + colours * kinds + word index`` for the word.
     A cell takes the object whose box covers at least ``min_cover`` of it (the largest cover wins),
@@ -119,6 +124,7 @@ def cell_labels(scene: Scene, grid: int, min_cover: float = 0.3) -> np.ndarray:
     edges_x, edges_y = np.arange(grid + 1) * cw, np.arange(grid + 1) * ch
     best = np.zeros((grid, grid))
     out = np.zeros((grid, grid), dtype=np.int8)
+    boxes = np.zeros((grid, grid, 4), dtype=np.float32)
     for (x1, y1, x2, y2), label in objects:
         # inclusive pixel corners -> [x1, x2 + 1) spans; cover = overlap area / cell area
         ox = np.clip(np.minimum(edges_x[1:], x2 + 1) - np.maximum(edges_x[:-1], x1), 0, None) / cw
@@ -129,8 +135,9 @@ def cell_labels(scene: Scene, grid: int, min_cover: float = 0.3) -> np.ndarray:
         cover[r, c] = max(cover[r, c], 1.0)
         take = (cover >= min_cover) & (cover > best)
         out[take] = label
+        boxes[take] = (x1 / scene.width, y1 / scene.height, (x2 + 1) / scene.width, (y2 + 1) / scene.height)
         best = np.where(take, cover, best)
-    return out.reshape(-1)
+    return out.reshape(-1), boxes.reshape(-1, 4)
 
 
 def _encode_cached(key: str, make: Callable[[], list[int]]) -> list[int]:
@@ -166,7 +173,7 @@ def _render_into(job: tuple[str, int, int, int, int, int]) -> int:
         buf.lengths[r] = n
         buf.tasks[r] = TASKS.index(s.task)
         if buf.cells.shape[1] > 1:
-            buf.cells[r] = cell_labels(s.scene, math.isqrt(buf.cells.shape[1]))
+            buf.cells[r], buf.boxes[r] = cell_targets(s.scene, math.isqrt(buf.cells.shape[1]))
         longest = max(longest, n)
     return longest
 
@@ -220,6 +227,7 @@ class Pool:
     lengths: torch.Tensor  # int64 [N], CPU
     task_codes: np.ndarray  # int8 [N]
     cells: torch.Tensor  # int8 [N, n_cells] (on the device)
+    boxes: torch.Tensor  # float32 [N, n_cells, 4] (on the device)
 
     def __len__(self) -> int:
         return len(self.task_codes)
@@ -234,7 +242,7 @@ class Pool:
             return torch.from_numpy(a).to(device)  # on CPU: the (shared) buffer itself
 
         return cls(t(buf.images), t(buf.ids), t(buf.labels), torch.from_numpy(buf.lengths.astype(np.int64)),
-                   buf.tasks.copy(), t(buf.cells))  # fmt: skip
+                   buf.tasks.copy(), t(buf.cells), t(buf.boxes))  # fmt: skip
 
     def replace(self, start: int, buf: Buffers) -> None:
         """Overwrite rows start..start+len(buf)-1 with a freshly rendered block."""
@@ -246,6 +254,7 @@ class Pool:
         self.lengths[rows] = torch.from_numpy(buf.lengths.astype(np.int64))
         self.task_codes[rows] = buf.tasks
         self.cells[rows].copy_(torch.from_numpy(buf.cells))
+        self.boxes[rows].copy_(torch.from_numpy(buf.boxes))
 
     def sampling_weights(self, task_weights: dict[str, float]) -> torch.Tensor:
         """Per-row probabilities giving each task the share ``task_weights`` asks for (default 1)."""
@@ -279,7 +288,7 @@ def build_pool(
 
 @dataclass
 class TrainOptions:
-    steps: int = 20000  # the cosine horizon; with a time budget, shrunk to what fits (see fit_schedule)
+    steps: int = 30000  # the cosine horizon; with a time budget, shrunk to what fits (see fit_schedule)
     batch: int = 128
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
@@ -293,6 +302,7 @@ class TrainOptions:
     vision_ramp: float = 0.0  # then its LR factor ramps 0 -> 1 over this fraction
     aux_weight: float = 0.5  # weight of the auxiliary per-cell vision loss (0: answer loss only)
     aux_background: float = 0.25  # class weight of background cells in it (they are ~80% of cells)
+    aux_box_weight: float = 2.0  # weight of the per-cell box regression inside the auxiliary loss
     seed: int = 0
     size: str = "mini"
     pool: int | None = None  # samples resident on the device (default: 32768 on CUDA, <= 12288 on CPU)
@@ -409,13 +419,14 @@ def batch_loss(
 def training_losses(
     model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, pixels: torch.Tensor, slot: int,
     aux_head: torch.nn.Module | None = None, cells: torch.Tensor | None = None,
-    cell_weights: torch.Tensor | None = None,
+    cell_weights: torch.Tensor | None = None, boxes: torch.Tensor | None = None, box_weight: float = 2.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """(answer-token LM loss, auxiliary cell loss or None).
 
-    The auxiliary loss classifies what lies under each resampler query's grid cell (:func:`cell_labels`)
-    from the image features the LLM receives, through a linear ``aux_head`` that is not part of the
-    model (never saved). It gives the vision tower a dense signal from the first step; trained by
+    The auxiliary loss classifies what lies under each resampler query's grid cell (:func:`cell_targets`)
+    and, for cells on an object, regresses that object's box (L1 on coordinates / image size, weighted
+    ``box_weight``), from the image features the LLM receives, through a linear ``aux_head`` that is
+    not part of the model (never saved). It gives the vision tower a dense signal from the first step; trained by
     the answer loss alone, the tower collapses to content-free features while the LLM is still
     fitting answer priors (image variation is noise to it then), and it does not recover.
     """
@@ -429,10 +440,15 @@ def training_losses(
     lm = model(inputs_embeds=h, labels=labels, use_cache=False).loss
     if aux_head is None or cells is None:
         return lm, None
-    logits = aux_head(feats).float()
+    out = aux_head(feats).float()
+    logits, pred_boxes = out[..., :N_CELL_CLASSES], out[..., N_CELL_CLASSES:]
     aux = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), cells.reshape(-1).long(), weight=cell_weights
+        logits.reshape(-1, N_CELL_CLASSES), cells.reshape(-1).long(), weight=cell_weights
     )
+    if boxes is not None and pred_boxes.shape[-1] == 4:
+        on = (cells > 0).unsqueeze(-1).float()
+        l1 = ((pred_boxes - boxes).abs() * on).sum() / (4 * on.sum()).clamp(min=1.0)
+        aux = aux + box_weight * l1
     return lm, aux
 
 
@@ -616,7 +632,7 @@ def _train(
     cell_weights = None
     if opts.aux_weight > 0:
         torch.manual_seed(opts.seed + 1)
-        aux_head = torch.nn.Linear(config.hidden_size, N_CELL_CLASSES).to(device)
+        aux_head = torch.nn.Linear(config.hidden_size, N_CELL_CLASSES + 4).to(device)
         torch.nn.init.normal_(aux_head.weight, std=config.initializer_range)
         torch.nn.init.zeros_(aux_head.bias)
         groups.append({"params": list(aux_head.parameters()), "weight_decay": 0.0, "vision": False})
@@ -715,8 +731,11 @@ def _train(
         labels = pool.labels[idx_d, :length].long()
         pixels = (pool.images[idx_d].permute(0, 3, 1, 2).float() / 255.0 - mean) / std
         cells = pool.cells[idx_d] if aux_head is not None else None
+        boxes = pool.boxes[idx_d] if aux_head is not None else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, aux = training_losses(model, ids, labels, pixels, slot, aux_head, cells, cell_weights)
+            loss, aux = training_losses(
+                model, ids, labels, pixels, slot, aux_head, cells, cell_weights, boxes, opts.aux_box_weight
+            )
         total = loss if aux is None else loss + opts.aux_weight * aux
         optim.zero_grad(set_to_none=True)
         total.backward()
@@ -770,10 +789,11 @@ def _train(
         "aux_cell_loss": {
             "weight": opts.aux_weight,
             "background_weight": opts.aux_background,
+            "box_weight": opts.aux_box_weight,
             "classes": N_CELL_CLASSES,
         }
         if opts.aux_weight > 0
-        else None,  # fmt: skip
+        else None,
         "data": {
             "pool": n_pool,
             "workers": workers,
