@@ -348,10 +348,7 @@ def generate_suite(
     """
     if n < 0:
         raise ValueError("n must be >= 0")
-    cfg = config or SceneConfig()
-    tasks, weights = _normalize_mix(mix)
-    split = _check_split(split)
-    return [_make_sample(i, seed, split, cfg, tasks, weights, render) for i in range(n)]
+    return list(iter_suite(n, seed, split, config=config, mix=mix, render=render))
 
 
 def iter_suite(
