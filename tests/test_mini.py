@@ -313,6 +313,19 @@ def test_time_budget_stops_early_with_valid_checkpoint(tmp_path: Path) -> None:
     assert OFFICIAL_FILES <= {p.name for p in (tmp_path / "m").iterdir()}
 
 
+def test_time_budget_fits_the_schedule(tmp_path: Path) -> None:
+    opts = TrainOptions(
+        size="micro", steps=100_000, batch=2, warmup=40, pool=16, eval_n=2, final_eval_n=6, workers=1,
+        threads=1, time_budget=12.0, aux_weight=0.0,
+    )  # fmt: skip
+    res = train_mini(tmp_path / "m", opts)
+    log = res.log
+    assert log["replans"] and log["replans"][0]["from"] == 100_000
+    assert res.planned_steps < 100_000 and res.steps <= res.planned_steps
+    # the cosine horizon was fitted, so the run ends (or is stopped) near the end of the schedule
+    assert log["loss_curve"][-1]["lr"] < 0.5 * opts.lr or log["stop_reason"] == "time budget"
+
+
 def test_refresh_and_frozen_vision_during_training(tmp_path: Path) -> None:
     opts = TrainOptions(
         size="micro", steps=6, batch=2, warmup=2, pool=8, refresh_every=2, refresh_block=4, eval_n=2,

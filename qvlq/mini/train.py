@@ -7,8 +7,16 @@ happens in the loop. Every ``refresh_every`` steps a freshly rendered block of u
 replaces the oldest rows (rendered in the background while training runs; the swap points are
 step-based, so the data order depends only on the seed). Each sample is rendered exactly the way
 :func:`qvlq.chat.chat` prompts at inference (:func:`render_sample`): the ``make_context`` tokens of
-``Picture 1: <img>...</img>\\n{question}`` plus the answer tokens and ``<|im_end|>``; the loss covers
-only those answer tokens.
+``Picture 1: <img>...</img>\\n{question}`` plus the answer tokens and ``<|im_end|>``; the language
+model loss covers only those answer tokens.
+
+Vision from scratch needs two things here (both measured on CPU runs; see the functions):
+:func:`local_resampler_init` starts the resampler as local pooling (with the usual random init all
+64 image features are the same background average, <1% apart between pictures), and an auxiliary
+per-cell loss (:func:`training_losses`: what lies under each query's cell, and that object's box)
+keeps the vision tower informative. Trained on the answer loss alone, the tower collapses to
+content-free features while the LLM is still fitting answer priors and never recovers: every task
+stays at its prior answer. The auxiliary head is not part of the model and is never saved.
 
 Optimisation: AdamW, linear warmup then cosine decay (to ``min_lr_ratio * lr``), gradient clipping,
 bf16 autocast on CUDA. With a ``time_budget`` the cosine horizon is shortened during warmup to what
