@@ -80,18 +80,10 @@ def init_checkpoint_cmd(
 
 
 def load_model_and_tokenizer(model_dir: str, device: str | None, dtype: str) -> tuple[Any, Any]:
-    from transformers import AutoTokenizer
+    from .model.loading import load_model_and_tokenizer as load
 
-    import qvlq  # noqa: F401  (registers the native classes)
-
-    from .model.loading import resolve_model_dir
-    from .model.modeling import QWenLMHeadModel
-
-    path = resolve_model_dir(model_dir)
     with console.status(f"loading {model_dir}"):
-        model = QWenLMHeadModel.from_pretrained(path, device=device, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model, tokenizer
+        return load(model_dir, device, dtype)
 
 
 @app.command("chat")

@@ -92,3 +92,13 @@ def tiny_variant(tiny_model) -> Callable[..., torch.nn.Module]:
         return m.eval()
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: on small shared boxes a spinning pool is ~10x slower, and one thread makes
+    in-process results bit-identical to OMP_NUM_THREADS=1 subprocesses."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

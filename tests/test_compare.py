@@ -50,13 +50,8 @@ SECRET = "sk-test-DO-NOT-WRITE-0123456789"
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # shared 2-core boxes: a spinning thread pool is much slower; one thread also makes the in-process
-    # run bit-identical to the OMP_NUM_THREADS=1 subprocesses
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread: None) -> None:
+    pass
 
 
 def _png_b64(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> str:

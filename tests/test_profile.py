@@ -33,12 +33,8 @@ TINY = {"random_weights": "tiny", "device": "cpu", "runs": [1], "warmup_tokens":
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # CI boxes are small and shared; torch's thread pool spinning against other processes is 10x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread: None) -> None:
+    pass
 
 
 # ------------------------------------------------------------------------------------ statistics

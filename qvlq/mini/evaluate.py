@@ -183,13 +183,9 @@ def evaluate_tasks(
 
 def load_model(model_dir: str, device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer) from a qvlq-mini-layout directory (or any official-layout Qwen-VL one)."""
-    from qvlq.model.loading import resolve_model_dir
-    from qvlq.model.modeling import QWenLMHeadModel
-    from qvlq.tokenizer import QWenTokenizer
+    from qvlq.model.loading import load_model_and_tokenizer
 
-    path = resolve_model_dir(model_dir)
-    model = QWenLMHeadModel.from_pretrained(path, device=device, dtype=dtype)
-    return model, QWenTokenizer.from_pretrained(str(path))
+    return load_model_and_tokenizer(model_dir, device, dtype)
 
 
 def evaluate_dir(

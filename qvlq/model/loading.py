@@ -213,3 +213,13 @@ def load_pretrained(cls: type, name_or_path: Any, **kwargs: Any) -> Any:
 
         model.generation_config = GenerationConfig.from_dict(json.loads(gen.read_text()))
     return model
+
+
+def load_model_and_tokenizer(model_dir: Any, device: Any = None, dtype: Any = "auto") -> tuple[Any, Any]:
+    """(QWenLMHeadModel, QWenTokenizer) from one official-layout directory or hub id."""
+    from ..tokenizer import QWenTokenizer
+    from .modeling import QWenLMHeadModel
+
+    path = resolve_model_dir(model_dir)
+    model = QWenLMHeadModel.from_pretrained(path, device=device, dtype=dtype)
+    return model, QWenTokenizer.from_pretrained(str(path))
