@@ -226,6 +226,13 @@ def quantize_cmd(
     desc_act: Annotated[bool | None, typer.Option("--desc-act/--no-desc-act", help="Act-order.")] = None,
     static_groups: Annotated[bool | None, typer.Option("--static-groups/--no-static-groups")] = None,
     damp_percent: Annotated[float | None, typer.Option(help="Hessian damping (default 0.01).")] = None,
+    act_group_aware: Annotated[
+        bool | None,
+        typer.Option(
+            "--act-group-aware/--no-act-group-aware",
+            help="GAR: act-order inside each group; lower error, same files as --no-desc-act (default off).",
+        ),
+    ] = None,
     true_sequential: Annotated[bool, typer.Option("--true-sequential/--no-true-sequential")] = True,
     method: Annotated[str, typer.Option(help="gptq, or rtn for the round-to-nearest baseline.")] = "gptq",
     num_samples: Annotated[int, typer.Option(help="When calibrating on the fly: samples.")] = 128,
@@ -258,7 +265,7 @@ def quantize_cmd(
         raise ValueError(f"{out} already exists (pass --overwrite to replace it)")
     spec = spec_from_options(
         preset, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, static_groups=static_groups,
-        damp_percent=damp_percent,
+        damp_percent=damp_percent, act_group_aware=act_group_aware,
     )
     src = resolve_model_dir(model_dir)
     tokenizer = QWenTokenizer.from_pretrained(str(src))

@@ -25,6 +25,9 @@ Choices, where the paper leaves room:
   group's weights as updated so far (this block's pending updates included, so a group may start
   mid-block or span blocks: AutoGPTQ reads those columns before the in-block updates; the two agree
   whenever groups start at block starts, as in the official g128 / block 128 setting).
+- act_group_aware (GAR, off by default): the processing order of group_aware_order(); scales/zeros
+  are set per group when GPTQ reaches it, as without act-order. The output is the desc_act=false
+  format (g_idx = i // group_size), so any loader and kernel of the official Int4 reads it.
 - desc_act: columns are processed by decreasing diag(H). Without static_groups, groups are runs of
   group_size columns in that processing order, like AutoGPTQ, so g_idx[i] = (rank of i) // group_size
   and is not monotonic. With static_groups, all scales/zeros come up front from the unmodified weight
@@ -53,6 +56,9 @@ class QuantSpec:
     sym: bool = True
     desc_act: bool = False  # "act-order": process columns by decreasing diag(H)
     static_groups: bool = False  # compute every group's scale/zero up front from the unmodified W
+    # Group-aware reordering (GAR): act-order within each group, groups by their largest diag(H); the
+    # groups stay contiguous, so g_idx stays i // group_size and the files are plain desc_act=false.
+    act_group_aware: bool = False
     damp_percent: float = 0.01
     block_size: int = 128
 
@@ -68,6 +74,8 @@ class QuantSpec:
             raise ValueError(f"group_size must be -1 or a positive integer, got {self.group_size}")
         if not 0.0 < self.damp_percent <= 1.0:
             raise ValueError(f"damp_percent must be in (0, 1], got {self.damp_percent}")
+        if self.act_group_aware and (self.desc_act or self.group_size == -1):
+            raise ValueError("act_group_aware needs desc_act false and a group_size (it reorders within groups)")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         # int32 words hold a whole number of codes every `pack` values (8 for 4 bit, 32 for 3 bit).
@@ -140,6 +148,18 @@ def _grouped_params(wt: Tensor, g_idx: Tensor, n_groups: int, spec: QuantSpec) -
     """Scale/zero [n_groups, out] of W^T rows grouped by g_idx (every group has the same size)."""
     order = torch.argsort(g_idx, stable=True)
     return _scale_zero(wt[order].reshape(n_groups, -1, wt.shape[1]), spec)
+
+
+def group_aware_order(diag: Tensor, group_size: int) -> Tensor:
+    """GAR processing order (Gafni et al., CVPRW 2025, arXiv:2505.14638): columns by decreasing diag(H)
+    inside each group, groups by decreasing largest diag(H). Act-order's benefit (salient columns are
+    rounded first, while the most columns remain to absorb their error) without scattering a group
+    over the matrix."""
+    groups = diag.reshape(-1, group_size)
+    inner = torch.argsort(groups, dim=1, descending=True, stable=True)
+    order = torch.argsort(groups.amax(dim=1), descending=True, stable=True)
+    base = torch.arange(groups.shape[0], device=diag.device).unsqueeze(1) * group_size
+    return (inner + base)[order].reshape(-1)
 
 
 def proxy_loss(delta: Tensor, h: Tensor, block: int = 512) -> float:
@@ -220,9 +240,16 @@ class GPTQ:
         wt[dead] = 0
 
         arange = torch.arange(cols, device=dev)
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True) if spec.desc_act else arange
+        reorder = spec.desc_act or spec.act_group_aware
+        if spec.act_group_aware:
+            perm = group_aware_order(H.diagonal(), gs)
+        elif spec.desc_act:
+            perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        else:
+            perm = arange
         # Groups follow the processing order (AutoGPTQ's act-order), unless static: then they are
-        # contiguous in the original order and only the processing order is permuted.
+        # contiguous in the original order and only the processing order is permuted. Under GAR both
+        # hold: every group is one run of the processing order.
         g_idx = arange // gs
         if spec.desc_act and not spec.static_groups:
             g_idx = torch.empty_like(arange).scatter_(0, perm, arange // gs)
@@ -233,7 +260,7 @@ class GPTQ:
         else:
             scales = torch.zeros(n_groups, self.rows, device=dev)
             zeros = torch.zeros(n_groups, self.rows, device=dev)
-        if spec.desc_act:
+        if reorder:
             wt = wt[perm]
             H = H[perm][:, perm]
 
@@ -253,7 +280,7 @@ class GPTQ:
                     if ge > i2:
                         rest = wt[i2:ge] - U[i1:c, i2:ge].T @ err[: c - i1]
                         rows = torch.cat([wt[c:i2], rest])
-                    scales[c // gs], zeros[c // gs] = _scale_zero(rows, spec)
+                    scales[group_of_step[c]], zeros[group_of_step[c]] = _scale_zero(rows, spec)
                 g = group_of_step[c]
                 s, z = scales[g], zeros[g]
                 w = wt[c]

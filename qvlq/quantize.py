@@ -197,7 +197,7 @@ def spec_from_options(preset: str | Path | None = None, **overrides: Any) -> Qua
             data = json.loads(Path(preset).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"cannot read preset {preset}: {e}") from None
-        known = {"bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent"}
+        known = {"bits", "group_size", "sym", "desc_act", "static_groups", "damp_percent", "act_group_aware"}
         values = {k: v for k, v in data.items() if k in known}
     values.update({k: v for k, v in overrides.items() if v is not None})
     spec = QuantSpec(**values)
