@@ -319,6 +319,8 @@ class QuantLinear(nn.Module):
         self._requested = backend
         chosen = self._choose(backend)
         self._cache = {"device": self.bias.device}
+        if self.bias.device.type != "meta":
+            self._cache["bias_zero"] = not bool(self.bias.any())  # a host sync: here, never in a captured step
         if chosen == "dequant":
             if dtype is not None:
                 self._cache["w"] = self.dequantize(dtype)
@@ -370,11 +372,20 @@ class QuantLinear(nn.Module):
             self._cache[key] = self._cache["sz32"].to(dtype)
         return self._cache[key]
 
+    def _bias(self, dtype: torch.dtype) -> Tensor | None:
+        """The bias in ``dtype``, cast once; None when it is all zeros (the official Int4 stores a zero
+        bias on every module without one: skipping it saves a cast and an add per call, which count
+        when a decode step is a graph of small kernels)."""
+        key = f"bias_{dtype}"
+        if key not in self._cache:
+            self._cache[key] = None if self._cache.get("bias_zero") else self.bias.to(dtype)
+        return self._cache[key]
+
     def forward(self, x: Tensor) -> Tensor:
         if self.backend == "unprepared" or self._cache.get("device") != self.bias.device:
             self.prepare(self._requested)
         if self.backend == "dequant":
-            return F.linear(x, self._float_weight(x.dtype), self.bias.to(x.dtype))
+            return F.linear(x, self._float_weight(x.dtype), self._bias(x.dtype))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         if self.dequant_rows is not None and x2.shape[0] >= self.dequant_rows:
@@ -382,7 +393,9 @@ class QuantLinear(nn.Module):
             wt = dequantize_t(
                 self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, x.dtype, "perm" not in self._cache
             )
-            return torch.addmm(self.bias.to(x.dtype), x2, wt).reshape(*lead, self.out_features)
+            bias = self._bias(x.dtype)
+            y = x2 @ wt if bias is None else torch.addmm(bias, x2, wt)
+            return y.reshape(*lead, self.out_features)
         if "perm" in self._cache:
             x2 = x2[:, self._cache["perm"]]
         if self.backend == "int4_cpu":
@@ -394,4 +407,5 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(
                 xb, self._cache["packed"], self._cache["group"], self._scales_zeros(torch.bfloat16)
             ).to(x.dtype)
-        return (y + self.bias.to(y.dtype)).reshape(*lead, self.out_features)
+        bias = self._bias(y.dtype)
+        return (y if bias is None else y + bias).reshape(*lead, self.out_features)

@@ -199,3 +199,14 @@ def test_large_batches_dequantize_per_call():
         lin.dequant_rows = 16  # 18 rows: the dense path
         torch.testing.assert_close(lin(x), small, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(lin(x), x @ r.dequant().T + bias.half().float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["dequant", "int4_cpu"])
+def test_bias_applied_and_zero_bias_skipped(backend):
+    r, bias = quantized_linear()
+    w = r.dequant()
+    x = torch.randn(3, 256)
+    for b in (bias, torch.zeros_like(bias)):
+        lin = QuantLinear.from_result(r, b).prepare(backend)
+        torch.testing.assert_close(lin(x), x @ w.T + b.half().float(), rtol=1e-5, atol=1e-4)
+        assert (lin._bias(torch.float32) is None) == (not bool(b.any()))
