@@ -41,3 +41,23 @@ def test_demo_cli_bad_model(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["demo", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_shipped_checkpoint_meets_its_committed_eval() -> None:
+    """Re-score the shipped files on the held-out split its train_log.json reports; greedy fp32
+    decoding only differs by summation order here, so the per-task accuracies must agree closely."""
+    import torch
+
+    from qvlq.mini.evaluate import evaluate_tasks
+    from qvlq.mini.tasks import generate_suite
+    from qvlq.model.loading import load_model_and_tokenizer
+
+    d = default_model_dir()
+    logged = json.loads((d / "train_log.json").read_text())["final_eval"]
+    model, tok = load_model_and_tokenizer(d, device="cpu", dtype="fp32")
+    samples = generate_suite(logged["n"], seed=logged["seed"], split=logged["split"])
+    with torch.inference_mode():
+        res = evaluate_tasks(model, tok, samples, method=logged["method"], n_boot=50)
+    for task, s in logged["scores"].items():
+        assert res.scores[task]["n"] == s["n"], task
+        assert abs(res.scores[task]["accuracy"] - s["accuracy"]) <= 1.5 / s["n"] + 1e-9, task  # one flip
