@@ -311,7 +311,7 @@ class QuantLinear(nn.Module):
         """One-time repacking for the chosen backend ('auto', 'dequant', 'int4_cpu', 'int4_cuda').
 
         dtype: for 'dequant', build the float weight now in this dtype (else at the first call).
-        lean: int4 backends only: move the v1 buffers (qweight, qzeros, g_idx) to host memory so the
+        lean: int4 backends only: move the v1 buffers (qweight, qzeros, scales, g_idx) to host memory so the
         device holds one copy of the weight (the kernel's); every call, prefill included, then uses
         the kernel (slower prefill, ~40% less weight memory). state_dict() still works."""
         if backend not in ("auto", "dequant", "int4_cpu", "int4_cuda"):
@@ -344,7 +344,11 @@ class QuantLinear(nn.Module):
         # tinygemm convention: w = (q - 8) * s + m  ==  s * (q - zero)  with  m = s * (8 - zero)
         s = scales.repeat_interleave(rep, 0)
         m = s * (8 - zeros.float()).repeat_interleave(rep, 0)
-        self._cache["sz32"] = torch.stack([s, m], -1).contiguous()
+        sz = torch.stack([s, m], -1).contiguous()
+        if chosen == "int4_cuda":  # tinygemm takes bf16 only: keep no fp32 copy (~0.4 GB at full size)
+            self._cache[f"sz_{torch.bfloat16}"] = sz.to(torch.bfloat16)
+        else:
+            self._cache["sz32"] = sz
         self._cache["group"] = kg
         if chosen == "int4_cpu":
             self._cache["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
@@ -354,7 +358,7 @@ class QuantLinear(nn.Module):
             self._cache["packed"] = torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), 8)
         self.dequant_rows = DEQUANT_ROWS[chosen]
         if lean:
-            for n in ("qweight", "qzeros", "g_idx"):
+            for n in ("qweight", "qzeros", "g_idx", "scales"):
                 self._buffers[n] = self._buffers[n].cpu()
             self.dequant_rows = None
         self.backend = chosen

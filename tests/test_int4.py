@@ -210,3 +210,23 @@ def test_bias_applied_and_zero_bias_skipped(backend):
         lin = QuantLinear.from_result(r, b).prepare(backend)
         torch.testing.assert_close(lin(x), x @ w.T + b.half().float(), rtol=1e-5, atol=1e-4)
         assert (lin._bias(torch.float32) is None) == (not bool(b.any()))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])  # fmt: skip
+def test_lean_prepare_keeps_one_weight_copy_on_the_device(device):
+    """lean: the v1 buffers (qweight, qzeros, scales, g_idx) go to host memory, the kernel's copy
+    serves every call (no dense prefill path), and state_dict() still returns the checkpoint tensors."""
+    r, bias = quantized_linear(out=128, inp=512, desc_act=True)
+    backend = "int4_cpu" if device == "cpu" else "int4_cuda"
+    full = QuantLinear.from_result(r, bias).to(device).prepare(backend)
+    lean = QuantLinear.from_result(r, bias).to(device).prepare(backend, lean=True)
+    sd = {k: v.cpu() for k, v in full.state_dict().items()}
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        assert getattr(lean, name).device.type == "cpu", name
+    assert lean.bias.device.type == device and lean.dequant_rows is None
+    if backend == "int4_cuda":
+        assert "sz32" not in lean._cache  # only the bf16 scales/zeros tinygemm reads
+    x = torch.randn(40, 512, device=device, dtype=torch.bfloat16)  # 40 rows: past the dense threshold
+    torch.testing.assert_close(lean(x).float(), full(x).float(), rtol=2e-2, atol=2e-2 * float(full(x).abs().max()))
+    assert all(torch.equal(v.cpu(), sd[k]) for k, v in lean.state_dict().items())
