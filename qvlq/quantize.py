@@ -286,13 +286,18 @@ def quantize(
     fingerprint = _fingerprint(
         (src / "config.json").read_text(), sorted(reader.where), asdict(spec), true_sequential, str(dev.type),
         str(cdtype), lora.fingerprint() if lora else None, method,
+        # CPU BLAS sums in a thread-count-dependent order: another count gives other (valid) bytes, so
+        # resuming with it could not match an uninterrupted run
+        torch.get_num_threads() if dev.type == "cpu" else None,
         *[t for s in samples for t in (s.input_ids, s.pixels) if t is not None],
     )
     work = _work_dir(out)
     state = work / "state.json"
     if resume and work.exists():
         if not state.is_file() or json.loads(state.read_text()).get("fingerprint") != fingerprint:
-            raise ValueError(f"{work} belongs to a different run (model, calibration or options differ)")
+            raise ValueError(
+                f"{work} belongs to a different run (model, calibration, options or CPU thread count differ)"
+            )
     else:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)

@@ -503,6 +503,12 @@ def test_resume_after_kill_before_first_block(base, src, bundle, calib, qdir):
     fewer = dataclasses.replace(calib, samples=calib.samples[:-1])
     with pytest.raises(ValueError, match="different run"):
         quantize(src, fewer, out, device="cpu", resume=True)
+    torch.set_num_threads(THREADS + 1)  # CPU results depend on the BLAS thread count
+    try:
+        with pytest.raises(ValueError, match="thread count"):
+            quantize(src, calib, out, device="cpu", resume=True)
+    finally:
+        torch.set_num_threads(THREADS)
     for extra in (("--damp-percent", "0.02"), ("--desc-act",), ("--no-true-sequential",)):
         res = _cli(*_quantize_cmd(src, bundle, out, "--resume", *extra))
         _assert_clean_failure(res, out, "different run", keep=(work.name,))
