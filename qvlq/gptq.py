@@ -131,12 +131,18 @@ def _scale_zero(x: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     xmin = torch.where(flat, -1.0, xmin)
     xmax = torch.where(flat, 1.0, xmax)
     scale = (xmax - xmin) / spec.maxq
+    if not spec.sym:
+        # GPTQ v1 stores zero-1 in `bits` unsigned bits, so a zero point of 0 cannot be written (it
+        # would read back as 2^bits). Where a group has (almost) no negative weights, use zero 1 and
+        # stretch the scale so that xmax still lands on the grid: one level fewer for that group.
+        low = torch.round(-xmin / scale) < 1
+        scale = torch.where(low, xmax / (spec.maxq - 1), scale)
     # The checkpoint stores fp16 scales; quantize with exactly those, so dequant() == checkpoint.
     scale = scale.clamp(FP16_MIN_SUBNORMAL, FP16_MAX).half().float()
     if spec.sym:
         zero = torch.full_like(scale, (spec.maxq + 1) / 2)
     else:
-        zero = torch.round(-xmin / scale).clamp(0, spec.maxq)
+        zero = torch.round(-xmin / scale).clamp(1, spec.maxq)
     return scale, zero
 
 

@@ -14,7 +14,8 @@ bits 4j..4j+3). For 3 bit, 32 values fill 3 words and values 10 and 21 straddle 
 which is AutoGPTQ's 3-bit layout.
 
 v1 limitation: a zero point of 0 would be stored as -1, which the format cannot hold (it reads back as
-2^b), so packing refuses it. Symmetric quantization (zero = 2^(b-1)) never hits this.
+2^b), so packing refuses it. Symmetric quantization (zero = 2^(b-1)) never hits this, and qvlq's
+asymmetric GPTQ/RTN never produce it (qvlq.gptq gives such groups zero 1 and a stretched scale).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qvlq.gptq import GPTQ, QuantResult, QuantSpec, group_aware_order, proxy_loss
+from qvlq.gptq import GPTQ, QuantResult, QuantSpec, group_aware_order, proxy_loss, round_to_nearest
 from qvlq.int4 import QuantLinear
 
 
@@ -252,3 +252,29 @@ def test_gptq_cuda_matches_cpu():
     assert torch.equal(a.g_idx.cpu(), cpu.g_idx)
     assert (a.codes.cpu() != cpu.codes).float().mean() < 1e-2
     assert a.loss == pytest.approx(cpu.loss, rel=1e-2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_asym_zero_points_fit_the_v1_format(bits):
+    """v1 stores zero-1: groups without negative weights (zero point 0 in plain asym) get zero 1 and a
+    stretched scale, so packing works and the files read back exactly what GPTQ computed."""
+    from qvlq.int4 import QuantLinear, pack_gptq_v1, unpack_gptq_v1
+
+    w, q, _ = layer(out=64, inp=256)
+    w[:5, :128] = w[:5, :128].abs()  # the first group of 5 rows: all >= 0
+    w[5:9, 128:] = w[5:9, 128:].abs() + 0.01  # strictly positive
+    spec = QuantSpec(bits=bits, group_size=128, sym=False)
+    r = q.quantize(w, spec)
+    assert int(r.zeros.min()) >= 1
+    packed = pack_gptq_v1(r.codes, r.scales, r.zeros, r.g_idx, bits=bits)
+    codes, zeros, scales = unpack_gptq_v1(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits)
+    assert torch.equal(codes.to(r.codes.dtype), r.codes) and torch.equal(zeros.to(r.zeros.dtype), r.zeros)
+    lin = QuantLinear.from_result(r).prepare("dequant")
+    torch.testing.assert_close(lin.dequantize(), r.dequant(), rtol=0, atol=0)
+    # the positive rows keep their whole range on the grid: round-to-nearest is within ~half a step
+    rtn = round_to_nearest(w, spec)
+    assert int(rtn.zeros.min()) >= 1
+    step = rtn.scales[rtn.g_idx.long()].T
+    slack = spec.maxq * 2.0**-11  # the fp16 rounding of a scale can push the top value past the grid
+    assert bool(((rtn.dequant() - w).abs() <= step * (0.5 + slack)).all())
+    assert r.loss < r.rtn_loss
