@@ -40,7 +40,8 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # 7.6 refuses fewer on a 2-
 
 import torch  # noqa: E402
 
-from qvlq.gptq import GPTQ, QuantSpec  # noqa: E402
+from qvlq.gptq import GPTQ, QuantSpec, round_to_nearest  # noqa: E402
+from qvlq.interop import gptqmodel_quantize  # noqa: E402
 
 FULL_SHAPES = {  # name: (in_features, out_features)
     "attn.c_attn": (4096, 12288),
@@ -64,13 +65,12 @@ def mini_activations(n_samples: int) -> dict[str, tuple[torch.Tensor, torch.Tens
     """{module name: (float weight, inputs [rows, in])} for every linear in qvlq-mini's LLM blocks."""
     from qvlq.mini.evaluate import sample_pixels
     from qvlq.mini.tasks import generate_suite
-    from qvlq.mini.train import image_slot, render_sample
+    from qvlq.mini.train import render_sample
     from qvlq.model.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(REPO / "qvlq" / "assets" / "qvlq-mini", device="cpu", dtype="fp32")
     model.eval()
     samples = generate_suite(n_samples, seed=0, split="calib")
-    slot = image_slot(tok)
     size = int(model.config.visual["image_size"])
     inputs: dict[str, list[torch.Tensor]] = {}
     hooks = []
@@ -80,13 +80,10 @@ def mini_activations(n_samples: int) -> dict[str, tuple[torch.Tensor, torch.Tens
             inputs[full] = []
             keep = lambda m, a, o, k=full: inputs[k].append(a[0].reshape(-1, a[0].shape[-1]))  # noqa: E731
             hooks.append(mod.register_forward_hook(keep))
-    tr = model.transformer
     with torch.no_grad():
         for s, px in zip(samples, sample_pixels(samples, size).split(1), strict=True):
             ids = torch.tensor([render_sample(tok, s.question, s.answer)[0]])
-            h = tr.wte(ids)
-            h = torch.cat([h[:, :slot], tr.visual(px), h[:, slot + model.config.n_queries :]], dim=1)
-            tr(inputs_embeds=h, use_cache=False)
+            model.transformer(ids, images=px, use_cache=False)  # the picture through the vision tower
     for hk in hooks:
         hk.remove()
     weights = dict(model.named_parameters())
@@ -109,37 +106,18 @@ def run_qvlq(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> dict:
     return {"hessian_s": t1 - t0, "quantize_s": t2 - t1, "q": res.dequant(), "codes": res.codes}
 
 
-def run_gptqmodel(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, gar: bool) -> dict:
-    from gptqmodel.quantization.config import QuantizeConfig
-    from gptqmodel.quantization.gptq import GPTQ as GMGPTQ
-
-    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    lin.weight.data.copy_(w)
-    qcfg = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, sym=spec.sym, desc_act=spec.desc_act,
-                          damp_percent=spec.damp_percent, act_group_aware=gar)  # fmt: skip
-    t0 = time.perf_counter()
-    gq = GMGPTQ(lin, qcfg)
-    gq.quantizer.configure(perchannel=True)  # what its GPTQ processor does before add_batch
-    for c in x.split(CHUNK):
-        gq.add_batch(c.unsqueeze(0), None)
-    t1 = time.perf_counter()
-    scale, zero, g_idx, *_ = gq.hf_quantize(
-        blocksize=spec.block_size, percdamp=spec.damp_percent, group_size=spec.group_size, actorder=spec.desc_act,
-        act_group_aware=gar,
-    )  # fmt: skip
-    t2 = time.perf_counter()
-    q = lin.weight.data.float()
-    codes = torch.round(q / scale[:, g_idx.long()] + zero[:, g_idx.long()]).clamp(0, spec.maxq).to(torch.uint8)
-    return {"hessian_s": t1 - t0, "quantize_s": t2 - t1, "q": q, "codes": codes}
+def run_gptqmodel(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> dict:
+    r = gptqmodel_quantize(w, x, spec, CHUNK)
+    return {"hessian_s": r.hessian_s, "quantize_s": r.quantize_s, "q": r.weight, "codes": r.codes}
 
 
 def bench_module(name: str, w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, repeats: int) -> dict:
     ours, theirs = [], []
     for _ in range(repeats):  # alternate, so drift in machine load hits both alike
         ours.append(run_qvlq(w, x, spec))
-        theirs.append(run_gptqmodel(w, x, spec, gar=False))
-    gar = run_gptqmodel(w, x, spec, gar=True)
-    ours_gar = run_qvlq(w, x, dataclasses.replace(spec, act_group_aware=True))
+        theirs.append(run_gptqmodel(w, x, spec))
+    gar_spec = dataclasses.replace(spec, act_group_aware=True)
+    gar, ours_gar = run_gptqmodel(w, x, gar_spec), run_qvlq(w, x, gar_spec)
 
     def med(rs: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in rs)
@@ -153,18 +131,12 @@ def bench_module(name: str, w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, r
         "gptqmodel_gar_rel_error": rel_error(x, w, gar["q"]),
         "qvlq_gar_rel_error": rel_error(x, w, ours_gar["q"]),
         "codes_equal": float((ours[0]["codes"] == theirs[0]["codes"]).float().mean()),
-        "rtn_rel_error": rel_error(x, w, _rtn(w, spec)),
+        "rtn_rel_error": rel_error(x, w, round_to_nearest(w, spec).dequant()),
     }  # fmt: skip
     for tool in ("qvlq", "gptqmodel"):
         row[tool]["total_s"] = row[tool]["hessian_s"] + row[tool]["quantize_s"]
     row["speedup"] = row["gptqmodel"]["total_s"] / row["qvlq"]["total_s"]
     return row
-
-
-def _rtn(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    from qvlq.gptq import round_to_nearest
-
-    return round_to_nearest(w, spec).dequant()
 
 
 def render(result: dict) -> list:

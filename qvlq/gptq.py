@@ -278,6 +278,7 @@ class GPTQ:
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
             for c in range(i1, i2):
+                g = group_of_step[c]
                 if not spec.static_groups and c % gs == 0:
                     # Fresh group: scale/zero from the group's weights as updated so far. Rows past
                     # this block still lack this block's pending updates, so add them here.
@@ -286,8 +287,7 @@ class GPTQ:
                     if ge > i2:
                         rest = wt[i2:ge] - U[i1:c, i2:ge].T @ err[: c - i1]
                         rows = torch.cat([wt[c:i2], rest])
-                    scales[group_of_step[c]], zeros[group_of_step[c]] = _scale_zero(rows, spec)
-                g = group_of_step[c]
+                    scales[g], zeros[g] = _scale_zero(rows, spec)
                 s, z = scales[g], zeros[g]
                 w = wt[c]
                 q = _quant(w, s, z, maxq)

@@ -69,25 +69,6 @@ def test_gptqmodel_reads_qvlq_tensors(desc_act, static_groups):
     assert float((a - b).norm() / b.norm()) < 2e-3
 
 
-def _gptqmodel_gptq(w: torch.Tensor, x: torch.Tensor, gar: bool, desc_act: bool) -> torch.Tensor:
-    """GPTQModel's GPTQ on the same layer and inputs: its integer codes [out, in]."""
-    from gptqmodel.quantization.config import QuantizeConfig
-    from gptqmodel.quantization.gptq import GPTQ as TheirGPTQ
-
-    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    lin.weight.data.copy_(w)
-    qcfg = QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=desc_act, damp_percent=0.01, act_group_aware=gar)
-    gq = TheirGPTQ(lin, qcfg)
-    gq.quantizer.configure(perchannel=True)  # as its GPTQ processor does
-    for c in x.split(256):
-        gq.add_batch(c.unsqueeze(0), None)
-    scale, zero, g_idx, *_ = gq.hf_quantize(
-        blocksize=128, percdamp=0.01, group_size=128, actorder=desc_act, act_group_aware=gar
-    )
-    g = g_idx.long()
-    return torch.round(lin.weight.data.float() / scale[:, g] + zero[:, g]).clamp(0, 15).to(torch.uint8)
-
-
 @pytest.mark.parametrize(
     "gar,desc_act", [(False, False), (True, False), (False, True)], ids=["classic", "gar", "act-order"]
 )
@@ -96,6 +77,7 @@ def test_gptq_core_agrees_with_gptqmodel(gar, desc_act):
     and sums in another order; a differing code shifts the later error feedback) and the same output
     error within 1%."""
     from qvlq.gptq import GPTQ, QuantSpec
+    from qvlq.interop import gptqmodel_quantize
 
     g = torch.Generator().manual_seed(3)
     in_f, out_f = 512, 256
@@ -104,8 +86,9 @@ def test_gptq_core_agrees_with_gptqmodel(gar, desc_act):
     gq = GPTQ((out_f, in_f))
     for c in x.split(256):
         gq.add_batch(c)
-    ours = gq.quantize(w, QuantSpec(act_group_aware=gar, desc_act=desc_act))
-    theirs = _gptqmodel_gptq(w, x, gar, desc_act)
+    spec = QuantSpec(act_group_aware=gar, desc_act=desc_act)
+    ours = gq.quantize(w, spec)
+    theirs = gptqmodel_quantize(w, x, spec, chunk=256).codes
     same = (ours.codes == theirs).float().mean()
     assert same >= 0.95, float(same)
 
