@@ -9,6 +9,7 @@
 #   OUT=...           reports go to $OUT/profile-full/ (+ profile-full.log); else reports/profile/<gpu>-<date>/
 #   FAST_COMPILE=...  FastEngine compile mode (default off, see below)
 #   MAX_SECONDS=...   the profile's own wall-clock budget (default 510)
+#   TIMEOUT=...       hard limit on the profile process (default 585, inside a 600 s device command)
 #   DRY_RUN=1         check this script on a CPU box: the same plan on the tiny geometry, short contexts
 #
 # Time budget (seconds; H100 guesses: hf eager ~30-50 tok/s, fast with a CUDA graph ~100-200 tok/s)
@@ -97,6 +98,6 @@ fi
 [[ -n "$REPORT_DIR" ]] && ARGS+=(--out "$REPORT_DIR")
 
 echo "[$(ts)] running: qvlq ${ARGS[*]} $*"
-# -k: a process that ignores SIGTERM is killed 10 s later; 585 s leaves the 600 s limit some slack.
-timeout -k 10 585 "$PY" -m qvlq.cli "${ARGS[@]}" "$@" 2>&1 | tee "$LOG"
+# -k: a process that ignores SIGTERM is killed 10 s later; 585 s leaves a 600 s limit some slack.
+timeout -k 10 "${TIMEOUT:-585}" "$PY" -m qvlq.cli "${ARGS[@]}" "$@" 2>&1 | tee "$LOG"
 echo "[$(ts)] profile_full: done in $(( $(date +%s) - START )) s; log $LOG${REPORT_DIR:+, report $REPORT_DIR}"

@@ -407,6 +407,9 @@ def train_mini_cmd(
     ] = None,
     pool: Annotated[int | None, typer.Option(help="Training samples rendered up front (default: by steps).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (1 on a busy machine).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Rendering processes (default: cores - 1, at most 12; 1 = inline).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing directory.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -418,7 +421,7 @@ def train_mini_cmd(
 
     opts = TrainOptions(
         steps=steps, batch=batch, lr=lr, warmup=warmup, seed=seed, size=size, device=device,
-        time_budget=time_budget, pool=pool, threads=threads,
+        time_budget=time_budget, pool=pool, threads=threads, workers=workers,
     )
     with Progress(
         "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
