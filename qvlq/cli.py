@@ -400,7 +400,7 @@ def train_mini_cmd(
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 2e-3,
     warmup: Annotated[int, typer.Option(help="Linear warmup steps.")] = 300,
     seed: Annotated[int, typer.Option(help="Seed of the data, the init and the batch order.")] = 0,
-    size: Annotated[str, typer.Option(help="mini (GPU-sized), small (shipped, CPU) or micro (tests).")] = "mini",
+    size: Annotated[str, typer.Option(help="mini (bigger), small (the shipped size) or micro (tests).")] = "mini",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1.")] = "auto",
     time_budget: Annotated[
         float | None, typer.Option(help="Seconds for the whole run; the schedule is fitted to it, then it stops.")
