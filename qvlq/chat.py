@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .fast import engine_for
 from .generate import Sampling, stream_tokens
 from .grounding import draw_boxes, parse_boxes
 from .image import load_image
@@ -77,6 +78,7 @@ def _setup(model: Any, tokenizer: Any, query: str, history: History | None, kwar
         gc, **{k: kwargs.pop(k) for k in ("do_sample", "top_p", "top_k", "temperature", "seed") if k in kwargs}
     )
     images = kwargs.pop("images", None)
+    engine = kwargs.pop("engine", "auto")
     if kwargs:
         raise TypeError(f"unexpected chat arguments: {', '.join(kwargs)}")
     raw, tokens = make_context(tokenizer, query, history, system, window, chat_format)
@@ -84,16 +86,16 @@ def _setup(model: Any, tokenizer: Any, query: str, history: History | None, kwar
     stop.append(tokenizer.eod_id)
     device = next(model.parameters()).device
     ids = torch.tensor([tokens], device=device)
-    return ids, max_new, sampling, stop, images
+    return ids, max_new, sampling, stop, images, engine_for(model, ids.shape[1] + max_new, engine)
 
 
 def chat_stream(
     model: Any, tokenizer: Any, query: str, history: History | None = None, **kwargs: Any
 ) -> Iterator[str]:
     """Yield the growing response text (like the reference's chat_stream)."""
-    ids, max_new, sampling, stop, images = _setup(model, tokenizer, query, history, kwargs)
+    ids, max_new, sampling, stop, images, engine = _setup(model, tokenizer, query, history, kwargs)
     out: list[int] = []
-    for t in stream_tokens(model, ids, max_new, sampling, stop, images=images):
+    for t in stream_tokens(model, ids, max_new, sampling, stop, images=images, engine=engine):
         if t in stop:
             break
         out.append(t)
@@ -104,8 +106,10 @@ def chat(
     model: Any, tokenizer: Any, query: str, history: History | None = None, append_history: bool = True, **kwargs: Any
 ) -> tuple[str, History]:
     """One turn: (response, history). Generation settings default to model.generation_config; pass
-    do_sample/top_p/top_k/temperature/seed, max_new_tokens, system, max_window_size, or images
-    (PIL images / paths / pixel tensors used instead of the paths written in the query)."""
+    do_sample/top_p/top_k/temperature/seed, max_new_tokens, system, max_window_size, images
+    (PIL images / paths / pixel tensors used instead of the paths written in the query), or engine
+    ("auto": the CUDA-graph static-cache engine on CUDA, the HF loop elsewhere; "hf"; "fast": see
+    qvlq.fast.engine_for)."""
     history = [] if history is None else history
     response = ""
     for partial in chat_stream(model, tokenizer, query, history, **kwargs):

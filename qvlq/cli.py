@@ -101,6 +101,9 @@ def chat_cmd(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
     draw: Annotated[Path | None, typer.Option(help="Save the latest picture with the answer's boxes here.")] = None,
+    engine: Annotated[
+        str, typer.Option(help="auto (CUDA: static cache + CUDA graph; else the HF loop), hf or fast.")
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
 ) -> None:
     """Chat with a Qwen-VL-Chat model (one question, or interactive multi-turn without one)."""
@@ -115,7 +118,7 @@ def chat_cmd(
         response = ""
         for response in chat_stream(
             model, tokenizer, query, history, system=system, max_new_tokens=max_new_tokens,
-            do_sample=sample, seed=seed,
+            do_sample=sample, seed=seed, engine=engine,
         ):
             if stream:
                 out.print(response, end="\r", highlight=False, markup=False)
@@ -522,6 +525,9 @@ def compare_cmd(
     top_p: Annotated[float, typer.Option(help="With --sample.")] = 1.0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available).")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32 (both models).")] = "auto",
+    engine: Annotated[
+        str, typer.Option(help="Decoding: auto (CUDA: static cache + CUDA graph; else the HF loop), hf or fast.")
+    ] = "auto",
     cache: Annotated[Path | None, typer.Option(help="Response/judge cache directory (default OUT/cache).")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Report directory (default reports/compare/<bf16>-vs-<int4>).")
@@ -541,7 +547,8 @@ def compare_cmd(
         bf16=bf16, int4=int4, data=str(data), category=category, task=task, lang=lang, limit=limit, seed=seed,
         max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, judge=judge,
         judge_url=judge_url, judge_model=judge_model, judge_key_env=judge_key_env, judge_workers=judge_workers,
-        device=device, dtype=dtype, cache=str(cache) if cache else None, out=str(out_dir) if out_dir else None,
+        device=device, dtype=dtype, engine=engine, cache=str(cache) if cache else None,
+        out=str(out_dir) if out_dir else None,
     )  # fmt: skip
     with Progress(
         "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

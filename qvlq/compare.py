@@ -313,6 +313,9 @@ class CompareSettings:
     judge_workers: int = 4
     device: str | None = None
     dtype: str = "auto"
+    # decode engine (qvlq.fast.engine_for). Not in decoding(): the engines give the same greedy tokens (tested),
+    # so a cache filled by one serves the other.
+    engine: str = "auto"
     cache: str | None = None
     out: str | None = None
 
@@ -323,6 +326,8 @@ class CompareSettings:
             raise CompareError("--max-new-tokens must be >= 1")
         if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise CompareError("--sample needs --temperature > 0 and 0 < --top-p <= 1")
+        if self.engine not in ("auto", "hf", "fast"):
+            raise CompareError(f"--engine must be auto, hf or fast, got {self.engine!r}")
         if self.judge_retries < 0 or self.judge_workers < 1 or self.judge_timeout <= 0:
             raise CompareError("--judge-retries >= 0, --judge-workers >= 1 and --judge-timeout > 0 are required")
 
@@ -496,7 +501,7 @@ def generate_response(
     response, _ = chat(
         model, tokenizer, item.query(), history=None, append_history=False, images=images,
         sampling=item_sampling(settings, item), max_new_tokens=settings.max_new_tokens, system=settings.system,
-        max_window_size=MAX_WINDOW,
+        max_window_size=MAX_WINDOW, engine=settings.engine,
     )  # fmt: skip
     return response
 

@@ -306,3 +306,73 @@ def test_cli_init_checkpoint_refuses_existing_dir(tmp_path) -> None:
     assert "Traceback" not in result.output
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp dirs left behind
+
+
+# ==================================================================================== engines
+
+
+def test_chat_engines_agree_and_the_fast_engine_is_kept(tiny_model, tokenizer, image_file) -> None:
+    from qvlq.fast import FastEngine, engine_for, release_engine
+    from qvlq.generate import HFEngine
+
+    query = tokenizer.from_list_format([{"image": str(image_file)}, {"text": "What is this?"}])
+    want, _ = chat(tiny_model, tokenizer, query, do_sample=False, max_new_tokens=8, engine="hf")
+    got, _ = chat(tiny_model, tokenizer, query, do_sample=False, max_new_tokens=8, engine="fast")
+    assert got == want
+    try:
+        kept = engine_for(tiny_model, 300, "fast")
+        assert isinstance(kept, FastEngine) and kept.max_seq_len == 1024  # the chat above left it there
+        assert engine_for(tiny_model, 1024, "fast") is kept  # long enough: reused
+        longer = engine_for(tiny_model, 1025, "fast")
+        assert longer is not kept and longer.max_seq_len == 2048
+        again, _ = chat(tiny_model, tokenizer, query, do_sample=False, max_new_tokens=8, engine="fast")
+        assert again == want  # a reused engine starts from a clean sequence
+        assert isinstance(engine_for(tiny_model, 300, "auto"), HFEngine)  # on CPU the HF loop
+        release_engine(tiny_model)
+        assert engine_for(tiny_model, 300, "fast") is not longer
+    finally:
+        release_engine(tiny_model)
+    with pytest.raises(ValueError, match="unknown engine 'vllm'"):
+        chat(tiny_model, tokenizer, "hi", engine="vllm")
+
+
+def test_fast_chat_on_the_shipped_model_grounds_like_hf() -> None:
+    from qvlq.demo import default_model_dir
+    from qvlq.fast import release_engine
+    from qvlq.mini.tasks import Task, generate_suite
+    from qvlq.model.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(default_model_dir(), device="cpu", dtype="fp32")
+    sample = next(s for s in generate_suite(40, seed=3, split="eval") if s.task == Task.GROUND)
+    query = tok.from_list_format([{"image": "picture.png"}, {"text": sample.question}])
+    kw = {"do_sample": False, "max_new_tokens": 40, "images": [sample.load_image()]}
+    try:
+        hf, _ = chat(model, tok, query, engine="hf", **kw)
+        fast, _ = chat(model, tok, query, engine="fast", **kw)
+    finally:
+        release_engine(model)
+    assert fast == hf and "<box>" in fast
+
+
+def test_cli_chat_refuses_an_unknown_engine(tiny_dir, preloaded) -> None:
+    result = _run(["chat", str(tiny_dir), "hello", "--engine", "vllm"])
+    assert result.exit_code != 0
+    assert "unknown engine 'vllm'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chat_on_cuda_uses_the_graph_engine_and_matches_hf(tiny_dir, tokenizer, image_file) -> None:
+    from qvlq.fast import FastEngine, engine_for, release_engine
+    from qvlq.model.modeling import QWenLMHeadModel
+
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype="fp32", device="cuda")
+    query = tokenizer.from_list_format([{"image": str(image_file)}, {"text": "What is this?"}])
+    try:
+        want, _ = chat(model, tokenizer, query, do_sample=False, max_new_tokens=12, engine="hf")
+        got, _ = chat(model, tokenizer, query, do_sample=False, max_new_tokens=12)  # auto
+        engine = engine_for(model, 100)
+        assert isinstance(engine, FastEngine) and engine.graphs == "manual"
+    finally:
+        release_engine(model)
+    assert got == want
