@@ -21,21 +21,58 @@ asymmetric GPTQ/RTN never produce it (qvlq.gptq gives such groups zero 1 and a s
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qvlq import int4_triton
 from qvlq.gptq import QuantResult
 
+BACKENDS = ("auto", "fastest", "dequant", "int4_cpu", "int4_cuda", "triton")
+# Read in one place (QuantLinear._choose): what prepare("auto") means for layers on CUDA, e.g. to
+# profile the Triton kernel without code changes: QVLQ_INT4_BACKEND=triton|int4_cuda|fastest|dequant.
+ENV_BACKEND = "QVLQ_INT4_BACKEND"
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what torch's int4 kernels accept for qGroupSize
 # Row count from which an int4 backend dequantizes the weight per call and runs one dense GEMM instead
 # (QuantLinear.dequant_rows). H200, bf16, 11008x4096: tinygemm 0.81 / 1.61 / 6.38 ms at 256 / 512 / 2048
 # rows vs dequantize + GEMM 0.87 / 0.90 / 1.07 ms (4096x4096: 0.31 / 0.61 / 2.39 vs 0.36 / 0.37 / 0.43).
 # CPU (Xeon, AVX-512, 2 threads, 4096x4096, bf16): the int4 kernel takes 0.9 ms at 1 row but 307 ms at
 # 512 rows, where a dense bf16 GEMM takes 36-48 ms; 128 is an estimate of the crossover.
-DEQUANT_ROWS: dict[str, int | None] = {"int4_cpu": 128, "int4_cuda": 512}
+# triton: its kernel re-reads the weight once per row (a GEMV, not a GEMM); 32 is an estimate.
+DEQUANT_ROWS: dict[str, int | None] = {"int4_cpu": 128, "int4_cuda": 512, "triton": 32}
+# prepare("fastest"): per (out, in, group, dtype), the measured choice and timings (tinygemm vs Triton at one
+# row, CUDA graph of many calls), measured once per distinct shape; read it with fastest_choices().
+FASTEST: dict[tuple[int, int, int, str], dict[str, Any]] = {}
+
+
+def env_backend() -> str | None:
+    """The backend QVLQ_INT4_BACKEND asks 'auto' to use on CUDA, or None when unset."""
+    value = os.environ.get(ENV_BACKEND, "").strip()
+    if not value:
+        return None
+    if value not in ("fastest", "dequant", "int4_cuda", "triton"):
+        raise ValueError(f"{ENV_BACKEND}={value!r}: expected triton, int4_cuda, fastest or dequant")
+    return value
+
+
+def fastest_choices() -> list[dict[str, Any]]:
+    """What prepare("fastest") measured and chose, one entry per distinct layer shape (for reports)."""
+    return [dict(v) for v in FASTEST.values()]
+
+
+def kernel_selection() -> list[dict[str, Any]]:
+    """What this process measured to pick int4 kernels, one entry per layer shape (for reports): the
+    prepare("fastest") choices, else the Triton tuning results (prepare("triton")); [] when nothing was timed."""
+    if FASTEST:
+        return fastest_choices()
+    return [
+        {"out_features": k[0], "in_features": k[1], "group_size": k[2], "dtype": str(k[4]).removeprefix("torch."),
+         "choice": "triton", "triton_us": r.seconds[r.best.name] * 1e6, "triton_config": r.best.name}
+        for k, r in int4_triton.TUNED.items()
+    ]  # fmt: skip
 
 
 def _run(bits: int) -> tuple[int, int]:
@@ -188,6 +225,10 @@ class QuantLinear(nn.Module):
                   Works everywhere; the reference for the others.
       "int4_cpu"  torch's aten._weight_int4pack_mm_for_cpu (4 bit only).
       "int4_cuda" torch's tinygemm aten._weight_int4pack_mm (4 bit, bf16 activations, sm80+).
+      "triton"    qvlq.int4_triton's GEMV kernel (4 bit, CUDA, needs triton), tuned per shape at prepare().
+      "fastest"   (a request, not a backend) on CUDA: time int4_cuda and triton once per distinct shape,
+                  use the faster (see FASTEST). "auto" keeps int4_cuda on CUDA unless QVLQ_INT4_BACKEND
+                  says otherwise.
     Both int4 kernels dequantize as (q - 8) * s + m per group, so m = s * (8 - zero). They need the
     groups contiguous; an act-order checkpoint (g_idx not i // group_size) is served by permuting the
     weight's input columns into group order once and gathering x[..., perm] at every call. Group
@@ -279,11 +320,22 @@ class QuantLinear(nn.Module):
         return dequantize_gptq_v1(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
 
     def _choose(self, backend: str) -> str:
+        """The backend to build ('fastest' when both CUDA kernels can serve the layer and must be timed)."""
+        on_cuda = self.qweight.device.type == "cuda"
+        if backend == "auto" and on_cuda:
+            env = env_backend()  # a model-wide preference: layers it cannot serve keep the default
+            if env is not None and (env in ("fastest", "dequant") or self._int4_ok(env) is None):
+                backend = env
+        if backend == "fastest":
+            if not on_cuda:
+                return self._choose("auto")
+            usable = [b for b in ("int4_cuda", "triton") if self._int4_ok(b) is None]
+            return "fastest" if len(usable) == 2 else (usable[0] if usable else "dequant")
         if backend != "auto":
             return backend
         # CPU: dequant by default. int4_cpu (opt-in) saves memory and is fast with bf16/fp16 activations,
         # but its fp32 path is far slower than a float GEMM on AVX2 machines (see the module docstring).
-        if self.qweight.device.type == "cuda" and self._int4_ok("int4_cuda") is None:
+        if on_cuda and self._int4_ok("int4_cuda") is None:
             return "int4_cuda"
         return "dequant"
 
@@ -291,6 +343,12 @@ class QuantLinear(nn.Module):
         """None if the int4 kernel can serve this layer, else the reason it cannot."""
         if self.bits != 4:
             return "int4 kernels need bits=4"
+        if backend == "triton":
+            if not torch.cuda.is_available() or self.qweight.device.type != "cuda":
+                return "triton needs the layer on a CUDA device"
+            if torch.cuda.get_device_capability(self.qweight.device) < (8, 0):
+                return "triton needs compute capability 8.0+"
+            return int4_triton.check_group_size(self.in_features, self.group_size) or int4_triton.triton_error()
         if _kernel_group(self.in_features if self.group_size == -1 else self.group_size) is None:
             return f"group_size {self.group_size} is not a multiple of 32"
         if backend == "int4_cpu":
@@ -309,13 +367,16 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def prepare(self, backend: str = "auto", dtype: torch.dtype | None = None, lean: bool = False) -> QuantLinear:
-        """One-time repacking for the chosen backend ('auto', 'dequant', 'int4_cpu', 'int4_cuda').
+        """One-time repacking for the chosen backend (one of BACKENDS: 'auto', 'fastest', 'dequant',
+        'int4_cpu', 'int4_cuda', 'triton').
 
-        dtype: for 'dequant', build the float weight now in this dtype (else at the first call).
+        dtype: for 'dequant', build the float weight now in this dtype (else at the first call); for
+        'triton' and 'fastest', the activation dtype to tune and time with (default bf16).
         lean: int4 backends only: move the v1 buffers (qweight, qzeros, scales, g_idx) to host memory so the
         device holds one copy of the weight (the kernel's); every call, prefill included, then uses
-        the kernel (slower prefill, ~40% less weight memory). state_dict() still works."""
-        if backend not in ("auto", "dequant", "int4_cpu", "int4_cuda"):
+        the kernel (triton: many-row calls dequantize its copy per call; slower prefill, ~40% less
+        weight memory). state_dict() still works."""
+        if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}")
         self._requested = backend
         chosen = self._choose(backend)
@@ -327,7 +388,7 @@ class QuantLinear(nn.Module):
                 self._cache["w"] = self.dequantize(dtype)
             self.backend = chosen
             return self
-        reason = self._int4_ok(chosen)
+        reason = None if chosen == "fastest" else self._int4_ok(chosen)
         if reason is not None:
             raise ValueError(f"backend {chosen!r} cannot serve this layer: {reason}")
         codes, zeros, scales = unpack_gptq_v1(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
@@ -340,30 +401,45 @@ class QuantLinear(nn.Module):
         if not torch.equal(order, arange):  # act-order: put columns in group order, gather x to match
             codes = codes[:, order]
             self._cache["perm"] = order
-        kg = _kernel_group(gs)
-        rep = gs // kg
-        # tinygemm convention: w = (q - 8) * s + m  ==  s * (q - zero)  with  m = s * (8 - zero)
-        s = scales.repeat_interleave(rep, 0)
-        m = s * (8 - zeros.float()).repeat_interleave(rep, 0)
-        sz = torch.stack([s, m], -1).contiguous()
-        if chosen == "int4_cuda":  # tinygemm takes bf16 only: keep no fp32 copy (~0.4 GB at full size)
-            self._cache[f"sz_{torch.bfloat16}"] = sz.to(torch.bfloat16)
+        act_dtype = dtype or torch.bfloat16
+        if chosen == "fastest":
+            chosen = self._fastest(codes, zeros, scales, gs, act_dtype)
+        if chosen == "triton":
+            packed = int4_triton.pack(codes, zeros, scales, gs)
+            self._cache["tpack"] = packed
+            self._cache["tcfg"] = int4_triton.best_config(packed, act_dtype)
+            int4_triton.counters(packed.qweight.device)  # allocated now, outside any graph capture
         else:
-            self._cache["sz32"] = sz
-        self._cache["group"] = kg
-        if chosen == "int4_cpu":
-            self._cache["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
-        else:
-            c = codes.to(torch.int32)
-            u8 = ((c[:, ::2] << 4) | c[:, 1::2]).to(torch.uint8)  # even k in the high nibble
-            self._cache["packed"] = torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), 8)
+            self._cache.update(_pack_torch_int4(chosen, codes, zeros, scales, gs))
         self.dequant_rows = DEQUANT_ROWS[chosen]
         if lean:
             for n in ("qweight", "qzeros", "g_idx", "scales"):
                 self._buffers[n] = self._buffers[n].cpu()
-            self.dequant_rows = None
+            if chosen != "triton":  # triton's dense path dequantizes its own copy: keep it for prefill
+                self.dequant_rows = None
         self.backend = chosen
         return self
+
+    def _fastest(self, codes: Tensor, zeros: Tensor, scales: Tensor, gs: int, dtype: torch.dtype) -> str:
+        """Time tinygemm and the tuned Triton kernel at one row, once per (out, in, group, dtype)."""
+        key = (self.out_features, self.in_features, gs, str(dtype).removeprefix("torch."))
+        if key not in FASTEST:
+            packed = int4_triton.pack(codes, zeros, scales, gs)
+            tuned = int4_triton.tuned(packed, dtype)
+            tiny = _pack_torch_int4("int4_cuda", codes, zeros, scales, gs)
+            w, sz = tiny["packed"], tiny[f"sz_{torch.bfloat16}"]
+            n_copies = int4_triton.copies_for_l2(w.numel() * w.element_size() + sz.numel() * 2, codes.device)
+            ws = [(w.clone(), sz.clone()) for _ in range(n_copies)]
+            x = torch.randn(1, self.in_features, device=codes.device).to(dtype)
+            tiny_s = int4_triton.time_graph(lambda i: _tinygemm(x, *ws[i % n_copies], tiny["group"]))
+            del ws
+            triton_s = tuned.seconds[tuned.best.name]
+            FASTEST[key] = {
+                "out_features": self.out_features, "in_features": self.in_features, "group_size": gs,
+                "dtype": key[3], "choice": "triton" if triton_s < tiny_s else "int4_cuda",
+                "int4_cuda_us": tiny_s * 1e6, "triton_us": triton_s * 1e6, "triton_config": tuned.best.name,
+            }  # fmt: skip
+        return FASTEST[key]["choice"]
 
     def _float_weight(self, dtype: torch.dtype) -> Tensor:
         w = self._cache.get("w")
@@ -395,22 +471,53 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.dequant_rows is not None and x2.shape[0] >= self.dequant_rows:
             # many rows (prefill): a transient float weight and one dense GEMM beat the int4 kernel
-            wt = dequantize_t(
-                self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, x.dtype, "perm" not in self._cache
-            )
+            if self.backend == "triton":  # from the kernel's copy (lean mode keeps no v1 buffers on the device)
+                wt = int4_triton.dequantize(self._cache["tpack"], x.dtype)  # inputs in group order
+                if "perm" in self._cache:
+                    x2 = x2[:, self._cache["perm"]]
+            else:
+                wt = dequantize_t(
+                    self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, x.dtype, "perm" not in self._cache
+                )
             bias = self._bias(x.dtype)
             y = x2 @ wt if bias is None else torch.addmm(bias, x2, wt)
             return y.reshape(*lead, self.out_features)
         if "perm" in self._cache:
             x2 = x2[:, self._cache["perm"]]
+        if self.backend == "triton":  # bias added inside the kernel
+            y = int4_triton.gemv(x2, self._cache["tpack"], self._bias(x.dtype), self._cache["tcfg"])
+            return y.reshape(*lead, self.out_features)
         if self.backend == "int4_cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.contiguous(), self._cache["packed"], self._cache["group"], self._scales_zeros(x.dtype)
             )
-        else:  # tinygemm computes in bf16
-            xb = x2.to(torch.bfloat16).contiguous()
-            y = torch.ops.aten._weight_int4pack_mm(
-                xb, self._cache["packed"], self._cache["group"], self._scales_zeros(torch.bfloat16)
-            ).to(x.dtype)
+        else:
+            y = _tinygemm(x2, self._cache["packed"], self._scales_zeros(torch.bfloat16), self._cache["group"])
         bias = self._bias(y.dtype)
         return (y if bias is None else y + bias).reshape(*lead, self.out_features)
+
+
+def _tinygemm(x2: Tensor, packed: Tensor, sz_bf16: Tensor, group: int) -> Tensor:
+    """tinygemm computes in bf16: other activation dtypes are cast in and out."""
+    xb = x2.to(torch.bfloat16).contiguous()
+    return torch.ops.aten._weight_int4pack_mm(xb, packed, group, sz_bf16).to(x2.dtype)
+
+
+def _pack_torch_int4(backend: str, codes: Tensor, zeros: Tensor, scales: Tensor, gs: int) -> dict[str, Any]:
+    """Cache entries of torch's int4 kernels (int4_cpu / int4_cuda) for group-ordered codes [out, in]."""
+    kg = _kernel_group(gs)
+    rep = gs // kg
+    # tinygemm convention: w = (q - 8) * s + m  ==  s * (q - zero)  with  m = s * (8 - zero)
+    s = scales.repeat_interleave(rep, 0)
+    m = s * (8 - zeros.float()).repeat_interleave(rep, 0)
+    sz = torch.stack([s, m], -1).contiguous()
+    out: dict[str, Any] = {"group": kg}
+    if backend == "int4_cuda":  # tinygemm takes bf16 only: keep no fp32 copy (~0.4 GB at full size)
+        out[f"sz_{torch.bfloat16}"] = sz.to(torch.bfloat16)
+        c = codes.to(torch.int32)
+        u8 = ((c[:, ::2] << 4) | c[:, 1::2]).to(torch.uint8)  # even k in the high nibble
+        out["packed"] = torch.ops.aten._convert_weight_to_int4pack(u8.contiguous(), 8)
+    else:
+        out["sz32"] = sz
+        out["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+    return out

@@ -727,6 +727,7 @@ class ModelInfo:
     kv_bytes_per_token: int
     int4_backends: dict[str, int]
     build_seconds: float
+    int4_selection: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4.kernel_selection()
 
 
 @dataclass
@@ -1275,8 +1276,17 @@ def _model_info(model: Any, precision: str, source: str, random_weights: bool, b
         bits_per_weight_overall=8 * (disk_bytes or acc.checkpoint_bytes) / max(acc.float_params, 1),
         read_bytes_per_token=acc.read_bytes_per_token, kv_bytes_per_token=acc.kv_bytes_per_token,
         int4_backends=int4_backends(model), build_seconds=build_s,
+        int4_selection=_int4_selection() if acc.bits_per_weight_linears < 16 else [],
     )  # fmt: skip
     return info, acc
+
+
+def _int4_selection() -> list[dict[str, Any]]:
+    try:
+        from .int4 import kernel_selection
+    except ImportError:
+        return []
+    return kernel_selection()
 
 
 def precision_label(config: Any) -> str:
@@ -1581,6 +1591,8 @@ def report_tables(report: ProfileReport) -> list[TableSpec]:
          + (f"; nominal peak {report.nominal_peak_gbs:.0f} GB/s" if report.nominal_peak_gbs else "")],
         ["int4 kernels", "; ".join(f"{m.precision}: {m.int4_backends}" for m in report.models if m.int4_backends)
          or "-"],
+        *([["int4 kernel choice", "; ".join(_selection_text(c) for m in report.models for c in m.int4_selection)]]
+          if any(m.int4_selection for m in report.models) else []),
         ["fast engine compile", s.get("fast_compile", "auto") + (f", kv_block {s['kv_block']}" if s.get("kv_block")
                                                                  else "")],
         ["weights", "RANDOM (" + str(s["random_weights"]) + " geometry)" if s.get("random_weights") else "checkpoint"],
@@ -1588,6 +1600,13 @@ def report_tables(report: ProfileReport) -> list[TableSpec]:
     ]  # fmt: skip
     tables.append(TableSpec("Environment", ["", ""], env_rows))
     return tables
+
+
+def _selection_text(c: dict[str, Any]) -> str:
+    """One measured int4 kernel choice: shape, timings at one row, the winner."""
+    times = ", ".join(f"{k.removesuffix('_us')} {c[k]:.1f} us" for k in ("int4_cuda_us", "triton_us") if k in c)
+    cfg = f" [{c['triton_config']}]" if "triton_config" in c else ""
+    return f"{c['in_features']}->{c['out_features']}: {times}{cfg} -> {c['choice']}"
 
 
 def render_markdown(report: ProfileReport, tables: list[TableSpec], figures: Sequence[str] = ()) -> str:

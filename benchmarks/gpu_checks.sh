@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU checks in one command, sized for one 8-minute device call on an H100/H200:
+#   1. CUDA tests of the Triton int4 kernel and of chat's CUDA-graph engine   (pytest -m gpu, <= 75 s)
+#   2. int4 GEMV per full-size shape: tinygemm vs the Triton kernel           (benchmarks/int4_gemv.py, <= 75 s)
+#   3. the profile: fast engine compiled, BF16 + Int4, contexts 2048 and 8192 (benchmarks/profile_full.sh)
+#      with QVLQ_INT4_BACKEND=fastest (each int4 shape timed on both kernels, the faster kept and recorded
+#      in the report) when 1 and 2 passed; else tinygemm
+#   4. the compiled decode step kernel by kernel, with the same int4 choice  (benchmarks/decode_kernels.py)
+#      if the budget has room left
+# The `hf` engine (the seed's eager loop) is left out: it does not change with these kernels and its cells
+# are in reports/profile/h200-random-full-2026-11-26/; `bash benchmarks/profile_full.sh` runs everything.
+#
+# Usage: OUT=dir bash benchmarks/gpu_checks.sh     (PYTHON=... as in profile_full.sh; BUDGET=480 seconds)
+# Output in $OUT: gpu-checks.log, int4-gemv.json, decode-kernels.json, profile-full.log, profile-full/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the output directory}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+START=$(date +%s)
+BUDGET="${BUDGET:-480}"
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COLUMNS="${COLUMNS:-200}"
+LOG="$OUT/gpu-checks.log"
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+say "gpu_checks: start; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
+say "1. CUDA tests"
+timeout -k 5 75 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_int4_triton.py tests/test_chat.py \
+    2>&1 | tee -a "$LOG" | tail -n 15
+tests_rc=$?
+say "1. rc=$tests_rc"
+
+say "2. int4 GEMV benchmark"
+timeout -k 5 75 "$PY" benchmarks/int4_gemv.py --out "$OUT/int4-gemv.json" 2>&1 | tee -a "$LOG" | tail -n 40
+bench_rc=$?
+say "2. rc=$bench_rc"
+
+BACKEND=int4_cuda
+if [[ $tests_rc == 0 && $bench_rc == 0 ]]; then BACKEND=fastest; fi
+P_TIMEOUT=$(( $(left) - 10 < 300 ? $(left) - 10 : 300 ))
+say "3. profile with QVLQ_INT4_BACKEND=$BACKEND (hard limit ${P_TIMEOUT}s)"
+QVLQ_INT4_BACKEND=$BACKEND FAST_COMPILE=auto MAX_SECONDS=$(( P_TIMEOUT - 25 )) TIMEOUT=$P_TIMEOUT OUT="$OUT" \
+    PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 --windowed '' >/dev/null 2>&1
+say "3. rc=$?; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
+
+if (( $(left) >= 70 )); then
+    say "4. decode step kernels (limit $(( $(left) - 5 ))s)"
+    QVLQ_INT4_BACKEND=$BACKEND timeout -k 5 $(( $(left) - 5 )) "$PY" benchmarks/decode_kernels.py \
+        --out "$OUT/decode-kernels.json" 2>&1 | tee -a "$LOG" | grep -v "^USDT" | tail -n 60
+    say "4. rc=$?"
+else
+    say "4. skipped: $(left) s left"
+fi
+say "gpu_checks: done"

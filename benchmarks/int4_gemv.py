@@ -1,0 +1,233 @@
+"""Batch-1 int4 GEMV on the full-size shapes: qvlq's Triton kernel (every config) against torch's tinygemm.
+
+For the five quantized linears of a Qwen-7B block (group 128, random codes, scales and zero points):
+max abs error of each kernel against the fp32 reference, time per call (a CUDA graph of --calls calls,
+median of --repeats replays, weight copies rotated so they do not sit in L2, as 160 different layers do
+not), effective bandwidth (the bytes each kernel reads: packed weight + scales/zeros, over its time)
+and its share of a measured device-to-device copy bandwidth. Ends with the int4 matmul time of one
+decode step (32 blocks x 5 linears) with each kernel.
+
+    python benchmarks/int4_gemv.py --out int4-gemv.json        # CUDA; well under a minute on an H100/H200
+    python benchmarks/int4_gemv.py --dry-run                   # CPU: small shapes, reference checks, and
+                                                               # the kernel under TRITON_INTERPRET=1 when
+                                                               # triton is importable
+
+Exit status 1 if triton is missing (CUDA run) or any kernel result is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if "--dry-run" in sys.argv:  # before torch: importing torch._dynamo imports triton, which reads this then
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qvlq import int4_triton as T  # noqa: E402
+from qvlq.int4 import _pack_torch_int4, _tinygemm  # noqa: E402
+from qvlq.io import write_json  # noqa: E402
+
+# Qwen-7B LLM inside Qwen-VL: (name, in_features K, out_features N), 32 blocks of each
+FULL_SHAPES = [
+    ("attn.c_attn", 4096, 12288),
+    ("attn.c_proj", 4096, 4096),
+    ("mlp.w1", 4096, 11008),
+    ("mlp.w2", 4096, 11008),
+    ("mlp.c_proj", 11008, 4096),
+]
+DRY_SHAPES = [("tiny.a", 256, 64), ("tiny.b", 384, 40)]
+BLOCKS = 32
+GROUP = 128
+
+
+def random_layer(k: int, n: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes uint8 [N, K], zeros int32 [G, N] in 1..16 (v1-representable), fp16-valued scales fp32 [G, N]."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, device=device, dtype=torch.uint8)
+    zeros = torch.randint(1, 17, (k // GROUP, n), generator=g, device=device, dtype=torch.int32)
+    scales = (torch.rand(k // GROUP, n, generator=g, device=device) * 0.02 + 1e-3).half().float()
+    return codes, zeros, scales
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of 10 copies."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: float | None) -> dict[str, Any]:
+    cuda = not args.dry_run
+    device = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, args.dtype)
+    codes, zeros, scales = random_layer(k, n, device, seed=hash(name) % 1000)
+    p = T.pack(codes, zeros, scales, GROUP)
+    x = torch.randn(args.m, k, device=device).to(dtype)
+    w32 = T.dequantize(p)
+    ref = x.float() @ w32
+    # the packing and reference math against the plain formula W[k, n] = s * (q - z)
+    naive = (codes.T.float() - zeros.float().repeat_interleave(GROUP, 0)) * scales.repeat_interleave(GROUP, 0)
+    row: dict[str, Any] = {"name": name, "in_features": k, "out_features": n, "rows": args.m, "dtype": args.dtype}
+    row["pack_exact"] = bool(torch.equal(w32, naive))
+    row["reference_mismatch"] = T.mismatch(T.reference(x, p), ref)  # the output dtype's rounding only
+    row["triton_bytes"] = p.nbytes()
+    if cuda:
+        tiny = _pack_torch_int4("int4_cuda", codes, zeros, scales, GROUP)
+        tw, tsz = tiny["packed"], tiny[f"sz_{torch.bfloat16}"]
+        row["tinygemm_bytes"] = tw.numel() * tw.element_size() + tsz.numel() * tsz.element_size()
+        y = _tinygemm(x, tw, tsz, tiny["group"])
+        row["tinygemm_max_abs_err"] = float((y.float() - ref).abs().max())
+        n_copies = T.copies_for_l2(row["tinygemm_bytes"], device)
+        ws = [(tw.clone(), tsz.clone()) for _ in range(n_copies)]
+        row["tinygemm_us"] = 1e6 * T.time_graph(
+            lambda i: _tinygemm(x, *ws[i % n_copies], tiny["group"]), args.calls, args.repeats
+        )
+        del ws
+        try:
+            res = T.tune(p, args.m, dtype, calls=args.calls, repeats=args.repeats)
+        except RuntimeError as e:  # no config compiled and matched
+            row["triton_mismatch"] = str(e)
+            return row
+        row["configs_us"] = {c: s * 1e6 for c, s in res.seconds.items()}
+        row["dropped"] = res.dropped
+        row["triton_best"] = res.best.name
+        row["triton_us"] = row["configs_us"][res.best.name]
+        y = T.gemv(x, p, None, res.best)
+        row["triton_max_abs_err"] = float((y.float() - ref).abs().max())
+        row["triton_mismatch"] = T.mismatch(y, ref)
+        for kind in ("tinygemm", "triton"):
+            gbps = row[f"{kind}_bytes"] / (row[f"{kind}_us"] * 1e-6) / 1e9
+            row[f"{kind}_GBps"] = gbps
+            row[f"{kind}_pct_copy"] = 100 * gbps * 1e9 / copy_bw if copy_bw else None
+        row["speedup"] = row["tinygemm_us"] / row["triton_us"]
+    elif T.triton_error() is None:  # TRITON_INTERPRET=1: every config, correctness only
+        row["configs_us"], row["dropped"] = {}, {}
+        for cfg in T.CONFIGS:
+            bad = T.mismatch(T.launch(x, p, None, cfg), ref)
+            if bad:
+                row["dropped"][cfg.name] = bad
+            else:
+                row["configs_us"][cfg.name] = None
+        row["triton_mismatch"] = next(iter(row["dropped"].values()), None)
+    return row
+
+
+def show(console: Console, rows: list[dict[str, Any]], copy_bw: float | None) -> None:
+    table = Table(title=f"int4 GEMV, M={rows[0]['rows']}, {rows[0]['dtype']}, group {GROUP}")
+    for col in ("layer", "K -> N", "tinygemm us", "GB/s", "% copy", "triton us", "GB/s", "% copy", "speedup",
+                "best config", "max err tiny / triton"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("layer", "best config") else "right")
+
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for r in rows:
+        table.add_row(
+            r["name"], f"{r['in_features']} -> {r['out_features']}",
+            f(r.get("tinygemm_us"), ".2f"), f(r.get("tinygemm_GBps"), ".0f"), f(r.get("tinygemm_pct_copy"), ".0f"),
+            f(r.get("triton_us"), ".2f"), f(r.get("triton_GBps"), ".0f"), f(r.get("triton_pct_copy"), ".0f"),
+            f(r.get("speedup"), ".2f"), r.get("triton_best", "-"),
+            f"{f(r.get('tinygemm_max_abs_err'), '.2e')} / {f(r.get('triton_max_abs_err'), '.2e')}",
+        )  # fmt: skip
+    console.print(table)
+    configs = sorted(
+        {c for r in rows for c in r.get("configs_us", {})} | {c for r in rows for c in r.get("dropped", {})}
+    )
+    if configs:
+        ct = Table(title="Triton configs, us per call (x = dropped)")
+        ct.add_column("config")
+        for r in rows:
+            ct.add_column(r["name"], justify="right")
+        for c in configs:
+            cells = []
+            for r in rows:
+                if c in r.get("dropped", {}):
+                    cells.append("x")
+                else:
+                    v = r.get("configs_us", {}).get(c)
+                    cells.append("ok" if v is None and c in r.get("configs_us", {}) else f(v, ".2f"))
+            ct.add_row(c, *cells)
+        console.print(ct)
+    for r in rows:
+        for c, why in r.get("dropped", {}).items():
+            console.print(f"[yellow]{r['name']}: dropped {c}: {why}")
+    if copy_bw:
+        console.print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--dry-run", action="store_true", help="CPU: small shapes, reference (+ interpreter) checks")
+    ap.add_argument("--m", type=int, default=1, help="rows of x (1 = batch-1 decode)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    ap.add_argument("--calls", type=int, default=200, help="calls per CUDA graph")
+    ap.add_argument("--repeats", type=int, default=5, help="graph replays; the median is reported")
+    args = ap.parse_args(argv)
+    console = Console(width=max(160, Console().width))  # logs: keep table rows on one line
+    t0 = time.perf_counter()
+    if not args.dry_run and not torch.cuda.is_available():
+        console.print("[red]no CUDA device (use --dry-run on a CPU machine)")
+        return 1
+    if not args.dry_run and T.triton_error():
+        console.print(f"[red]{T.triton_error()}")
+        return 1
+    shapes = DRY_SHAPES if args.dry_run else FULL_SHAPES
+    copy_bw = None if args.dry_run else copy_bandwidth("cuda")
+    rows = []
+    for name, k, n in shapes:
+        rows.append(bench_shape(name, k, n, args, copy_bw))
+        console.print(f"{name}: done at {time.perf_counter() - t0:.1f} s")
+    show(console, rows, copy_bw)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if not args.dry_run else "cpu (dry run)",
+        "torch": torch.__version__,
+        "triton": None if T.triton_error() else __import__("triton").__version__,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "copy_GBps": copy_bw / 1e9 if copy_bw else None,
+        "calls_per_graph": args.calls,
+        "repeats": args.repeats,
+        "shapes": rows,
+    }
+    if not args.dry_run and all("triton_us" in r for r in rows):  # one decode step: every shape once per block
+        step = {kind: BLOCKS * sum(r[f"{kind}_us"] for r in rows) / 1e3 for kind in ("tinygemm", "triton")}
+        result["decode_step_int4_ms"] = step
+        console.print(
+            f"int4 matmuls per decode step ({BLOCKS} blocks x {len(rows)}): tinygemm {step['tinygemm']:.3f} ms, "
+            f"triton {step['triton']:.3f} ms ({step['tinygemm'] / step['triton']:.2f}x)"
+        )
+    result["seconds"] = time.perf_counter() - t0
+    if args.out:
+        write_json(args.out, result)
+        console.print(f"wrote {args.out}")
+    failures = [r["name"] for r in rows if not r["pack_exact"] or r["reference_mismatch"] or r.get("triton_mismatch")]
+    if failures:
+        console.print(f"[red]wrong results: {sorted(set(failures))}")
+        return 1
+    console.print(f"[green]all checks passed in {result['seconds']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
