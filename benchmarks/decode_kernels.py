@@ -76,7 +76,10 @@ def profile_steps(engine: FastEngine, vocab: int, prompt: int, warmup: int, step
     rows: dict[str, dict] = {}
     for ev in prof.key_averages():
         t = ev.self_device_time_total if on_cuda else ev.self_cpu_time_total
-        if t <= 0 or (on_cuda and ev.key.startswith(("aten::", "cuda", "Torch-Compiled", "CompiledFunction"))):
+        # on CUDA only kernels count: not ops, runtime calls or the "## Call CompiledFxGraph ##" range
+        # (a CPU-side annotation that the profiler gives the device time of everything inside it)
+        skip = ("aten::", "cuda", "Torch-Compiled", "CompiledFunction", "## ")
+        if t <= 0 or (on_cuda and ev.key.startswith(skip)):
             continue
         r = rows.setdefault(ev.key, {"name": ev.key, "calls": 0, "us": 0.0})
         r["calls"] += ev.count

@@ -484,8 +484,9 @@ class QuantLinear(nn.Module):
             return y.reshape(*lead, self.out_features)
         if "perm" in self._cache:
             x2 = x2[:, self._cache["perm"]]
-        if self.backend == "triton":  # bias added inside the kernel
-            y = int4_triton.gemv(x2, self._cache["tpack"], self._bias(x.dtype), self._cache["tcfg"])
+        if self.backend == "triton":  # the stored bias, added in fp32 inside the kernel (not rounded to x's dtype)
+            bias = None if self._cache.get("bias_zero") else self.bias
+            y = int4_triton.gemv(x2, self._cache["tpack"], bias, self._cache["tcfg"])
             return y.reshape(*lead, self.out_features)
         if self.backend == "int4_cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
