@@ -26,6 +26,14 @@ def default_model_dir() -> Path:
     return Path(str(resources.files("qvlq") / "assets" / "qvlq-mini"))
 
 
+def display_path(path: Path) -> str:
+    """The path relative to the working directory when inside it (reports stay machine-independent)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 @dataclass
 class DemoOptions:
     model: str | None = None  # default: the shipped qvlq-mini
@@ -84,7 +92,7 @@ def run_demo(opts: DemoOptions, on_event: Event | None = None) -> DemoResult:
     out = Path(opts.out)
     work = Path(opts.work) if opts.work else Path(tempfile.mkdtemp(prefix="qvlq-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    res = DemoResult(out=str(out), model=str(model_dir))
+    res = DemoResult(out=str(out), model=display_path(model_dir))
     clock = time.perf_counter()
 
     def lap(step: str) -> None:

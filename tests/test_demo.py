@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from qvlq.cli import app
-from qvlq.demo import DemoOptions, default_model_dir, run_demo
+from qvlq.demo import DemoOptions, default_model_dir, display_path, run_demo
 
 
 def test_shipped_checkpoint_is_official_layout() -> None:
@@ -33,7 +33,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert q["int4-gptq"]["gptq_loss"] < q["int4-gptq"]["rtn_loss"]
     assert res.calibration["images"] > 0 and res.calibration["image_token_share"] > 0
     assert {"precision", "engine", "context", "decode_tok_s", "status"} <= set(res.profile_summary[0])
-    assert json.loads((out / "report.json").read_text())["model"] == str(default_model_dir())
+    assert json.loads((out / "report.json").read_text())["model"] == display_path(default_model_dir())
     assert set(res.seconds) == {"calibrate", "quantize", "chat", "profile", "compare", "report"}
 
 
