@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,34 @@ def test_time_budget_fits_the_schedule(tmp_path: Path) -> None:
     assert res.planned_steps < 100_000 and res.steps <= res.planned_steps
     # the cosine horizon was fitted, so the run ends (or is stopped) near the end of the schedule
     assert log["loss_curve"][-1]["lr"] < 0.5 * opts.lr or log["stop_reason"] == "time budget"
+
+
+def test_time_budget_refits_after_an_evaluation_when_steps_slow_down(tmp_path: Path, monkeypatch) -> None:
+    """Steps that get slower after the warm-up (evaluations, a second job on the GPU) leave the warm-up's
+    horizon too long; a re-fit after a periodic evaluation shrinks it, so the schedule still ends."""
+    import qvlq.mini.train as T
+
+    calls = {"n": 0}
+    real = T.training_losses
+
+    def slower_after_warmup(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 40:
+            time.sleep(0.03)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "training_losses", slower_after_warmup)
+    opts = TrainOptions(
+        size="micro", steps=100_000, batch=2, warmup=40, pool=16, eval_n=2, final_eval_n=6, workers=1,
+        threads=1, time_budget=20.0, aux_weight=0.0,
+    )  # fmt: skip
+    log = train_mini(tmp_path / "m", opts).log
+    first, *later = log["replans"]
+    assert first["at_step"] < opts.warmup
+    late = [r for r in later if r["at_step"] > opts.warmup]
+    assert late and late[0]["to"] < late[0]["from"] and late[0]["sec_per_step"] > first["sec_per_step"]
+    assert late[0]["at_step"] in {e["step"] for e in log["evals"]}  # re-fitted right after an evaluation
+    assert log["stop_reason"] == "completed" and log["loss_curve"][-1]["lr"] < 0.5 * opts.lr
 
 
 def test_refresh_and_frozen_vision_during_training(tmp_path: Path) -> None:
