@@ -11,6 +11,10 @@
 # are in reports/profile/h200-random-full-2026-11-26/; `bash benchmarks/profile_full.sh` runs everything.
 #
 # Usage: OUT=dir bash benchmarks/gpu_checks.sh     (PYTHON=... as in profile_full.sh; BUDGET=480 seconds)
+#   KV_BLOCK=512  profile with the fast engine attending over the first multiple of 512 cache slots instead of
+#                 all of them (one recompile: the length becomes dynamic). At 8192 the Int4 step spends ~40% of
+#                 its time reading the whole static cache (an estimate from the 2048 breakdown): the next
+#                 thing to measure.
 # Output in $OUT: gpu-checks.log, int4-gemv.json, decode-kernels.json, profile-full.log, profile-full/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +45,8 @@ if [[ $tests_rc == 0 && $bench_rc == 0 ]]; then BACKEND=fastest; fi
 P_TIMEOUT=$(( $(left) - 10 < 300 ? $(left) - 10 : 300 ))
 say "3. profile with QVLQ_INT4_BACKEND=$BACKEND (hard limit ${P_TIMEOUT}s)"
 QVLQ_INT4_BACKEND=$BACKEND FAST_COMPILE=auto MAX_SECONDS=$(( P_TIMEOUT - 25 )) TIMEOUT=$P_TIMEOUT OUT="$OUT" \
-    PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 --windowed '' >/dev/null 2>&1
+    PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 --windowed '' \
+    ${KV_BLOCK:+--kv-block "$KV_BLOCK"} >/dev/null 2>&1
 say "3. rc=$?; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
 
 if (( $(left) >= 70 )); then
