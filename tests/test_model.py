@@ -694,6 +694,22 @@ def test_auto_classes_never_import_directory_code(tiny_dir, tiny_model, tmp_path
     assert tok.encode_text(text) == tokenizer.encode_text(text)
 
 
+def test_dtype_names_through_auto_classes_and_the_loader(tiny_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from qvlq.model.loading import load_model_and_tokenizer
+
+    for name, want in [("bf16", torch.bfloat16), ("fp16", torch.float16), ("half", torch.float16),
+                       ("bfloat16", torch.bfloat16), (torch.float16, torch.float16)]:  # fmt: skip
+        assert AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=name).dtype == want, name
+    assert load_model_and_tokenizer(tiny_dir, "cpu", "fp16")[0].dtype == torch.float16
+    for bad in ("bogus", "int8"):
+        with pytest.raises(ValueError, match=f"unknown dtype '{bad}'"):
+            AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=bad)
+        with pytest.raises(ValueError, match=f"unknown dtype '{bad}'"):
+            load_model_and_tokenizer(tiny_dir, "cpu", bad)
+
+
 def test_n_queries_from_config_is_honoured(tiny_model, tokenizer, image_feats) -> None:
     visual = dict(tiny_model.config.visual, n_queries=64)
     cfg = QWenConfig(**{**tiny_model.config.to_dict(), "visual": visual})

@@ -7,6 +7,19 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
+SHORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def dtype_name(name: str) -> str:
+    """torch's name of a floating dtype given as bf16/fp16/fp32 or bfloat16/float16/half/... ('auto' stays)."""
+    import torch
+
+    name = SHORT_DTYPES.get(name, name)
+    dtype = getattr(torch, name, None)
+    if name != "auto" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"unknown dtype {name!r} (auto, bf16, fp16, fp32 or a floating torch dtype name)")
+    return name
+
 # The official visual block; `n_queries` is not in the official file (it is 256 there).
 DEFAULT_VISUAL: dict[str, Any] = {
     "heads": 16,
@@ -103,6 +116,9 @@ class QWenConfig(PreTrainedConfig):
         self.tokenizer_type = tokenizer_type
         vis = copy.deepcopy(DEFAULT_VISUAL if visual is None else visual)
         self.visual = vis
+        for key in ("dtype", "torch_dtype"):  # AutoModel hands from_pretrained's dtype to the config as well
+            if isinstance(kwargs.get(key), str):
+                kwargs[key] = dtype_name(kwargs[key])
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     # Derived geometry, in one place so the vision tower, tokenizer checks and builders agree.

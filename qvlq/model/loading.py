@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .config import QWenConfig, validate_config_dict
+from .config import QWenConfig, dtype_name, validate_config_dict
 
 QUANTIZED_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.bin"]
@@ -73,8 +73,7 @@ def resolve_dtype(config: QWenConfig, dtype: Any, device: torch.device) -> torch
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str) and dtype != "auto":
-        named = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-        return named.get(dtype) or getattr(torch, dtype)
+        return getattr(torch, dtype_name(dtype))
     if config.bf16:
         return torch.bfloat16
     if config.fp16:
