@@ -4,6 +4,10 @@ Why: at M=1 a linear layer is a pure weight stream (0.5 byte per weight), so the
 the HBM copy bandwidth. torch's tinygemm (`aten._weight_int4pack_mm`) reaches about a third of it on an
 H200 at M=1. This kernel is a plain streaming GEMV with a handful of tunable configurations; `tune()`
 picks the fastest per shape on the GPU (timed in a CUDA graph, as it runs inside the decode step).
+Measured on an H200 (reports/int4/): exact, but 19-30% of the copy bandwidth vs tinygemm's 32-42%, i.e.
+0.62-0.75x its speed: at ~5 integer/float instructions per weight the kernel is compute-bound, so it is
+opt-in (QuantLinear "triton", or "fastest" to time both per shape). Dequantizing two codes per instruction
+(half2, as Marlin does) is what it would need next.
 
 Layout (`pack`), for group size gs, K/8 packed rows, WPG = gs/8 words per group and column:
     qweight int32 [K/8, N]   row g*WPG + j, column n holds the codes of k = g*gs + i*WPG + j at bits
