@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qvlq import int4_triton as T  # noqa: E402
-from qvlq.int4 import _pack_torch_int4, _tinygemm  # noqa: E402
+from qvlq.int4 import _pack_torch_int4, _tinygemm, time_tinygemm  # noqa: E402
 from qvlq.io import write_json  # noqa: E402
+from qvlq.profile import measure_bandwidth  # noqa: E402
 
 # Qwen-7B LLM inside Qwen-VL: (name, in_features K, out_features N), 32 blocks of each
 FULL_SHAPES = [
@@ -60,23 +60,6 @@ def random_layer(k: int, n: int, device: str, seed: int) -> tuple[torch.Tensor, 
     return codes, zeros, scales
 
 
-def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of 10 copies."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
-
-
 def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: float | None) -> dict[str, Any]:
     cuda = not args.dry_run
     device = "cuda" if cuda else "cpu"
@@ -98,12 +81,7 @@ def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: fl
         row["tinygemm_bytes"] = tw.numel() * tw.element_size() + tsz.numel() * tsz.element_size()
         y = _tinygemm(x, tw, tsz, tiny["group"])
         row["tinygemm_max_abs_err"] = float((y.float() - ref).abs().max())
-        n_copies = T.copies_for_l2(row["tinygemm_bytes"], device)
-        ws = [(tw.clone(), tsz.clone()) for _ in range(n_copies)]
-        row["tinygemm_us"] = 1e6 * T.time_graph(
-            lambda i: _tinygemm(x, *ws[i % n_copies], tiny["group"]), args.calls, args.repeats
-        )
-        del ws
+        row["tinygemm_us"] = 1e6 * time_tinygemm(x, tiny, args.calls, args.repeats)
         try:
             res = T.tune(p, args.m, dtype, calls=args.calls, repeats=args.repeats)
         except RuntimeError as e:  # no config compiled and matched
@@ -194,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]{T.triton_error()}")
         return 1
     shapes = DRY_SHAPES if args.dry_run else FULL_SHAPES
-    copy_bw = None if args.dry_run else copy_bandwidth("cuda")
+    copy_bw = None if args.dry_run else measure_bandwidth(torch.device("cuda"), 1 << 30) * 1e9  # bytes/s
     rows = []
     for name, k, n in shapes:
         rows.append(bench_shape(name, k, n, args, copy_bw))

@@ -61,6 +61,7 @@ import torch
 from PIL import Image
 
 from .chat import DEFAULT_SYSTEM, chat, make_context
+from .fast import CHAT_ENGINES
 from .generate import Sampling
 from .grounding import iou, parse_boxes
 from .io import sha256_file
@@ -326,8 +327,8 @@ class CompareSettings:
             raise CompareError("--max-new-tokens must be >= 1")
         if self.sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
             raise CompareError("--sample needs --temperature > 0 and 0 < --top-p <= 1")
-        if self.engine not in ("auto", "hf", "fast"):
-            raise CompareError(f"--engine must be auto, hf or fast, got {self.engine!r}")
+        if self.engine not in CHAT_ENGINES:
+            raise CompareError(f"--engine must be one of {', '.join(CHAT_ENGINES)}, got {self.engine!r}")
         if self.judge_retries < 0 or self.judge_workers < 1 or self.judge_timeout <= 0:
             raise CompareError("--judge-retries >= 0, --judge-workers >= 1 and --judge-timeout > 0 are required")
 

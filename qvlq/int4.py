@@ -426,13 +426,8 @@ class QuantLinear(nn.Module):
         if key not in FASTEST:
             packed = int4_triton.pack(codes, zeros, scales, gs)
             tuned = int4_triton.tuned(packed, dtype)
-            tiny = _pack_torch_int4("int4_cuda", codes, zeros, scales, gs)
-            w, sz = tiny["packed"], tiny[f"sz_{torch.bfloat16}"]
-            n_copies = int4_triton.copies_for_l2(w.numel() * w.element_size() + sz.numel() * 2, codes.device)
-            ws = [(w.clone(), sz.clone()) for _ in range(n_copies)]
             x = torch.randn(1, self.in_features, device=codes.device).to(dtype)
-            tiny_s = int4_triton.time_graph(lambda i: _tinygemm(x, *ws[i % n_copies], tiny["group"]))
-            del ws
+            tiny_s = time_tinygemm(x, _pack_torch_int4("int4_cuda", codes, zeros, scales, gs))
             triton_s = tuned.seconds[tuned.best.name]
             FASTEST[key] = {
                 "out_features": self.out_features, "in_features": self.in_features, "group_size": gs,
@@ -502,6 +497,15 @@ def _tinygemm(x2: Tensor, packed: Tensor, sz_bf16: Tensor, group: int) -> Tensor
     """tinygemm computes in bf16: other activation dtypes are cast in and out."""
     xb = x2.to(torch.bfloat16).contiguous()
     return torch.ops.aten._weight_int4pack_mm(xb, packed, group, sz_bf16).to(x2.dtype)
+
+
+def time_tinygemm(x: Tensor, tiny: dict[str, Any], calls: int = 200, repeats: int = 5) -> float:
+    """Seconds per tinygemm call on x, timed as int4_triton.tune times the Triton kernel (a CUDA graph of
+    many calls, weight copies rotated past L2). tiny: _pack_torch_int4("int4_cuda", ...)."""
+    w, sz = tiny["packed"], tiny[f"sz_{torch.bfloat16}"]
+    n = int4_triton.copies_for_l2(w.numel() * w.element_size() + sz.numel() * sz.element_size(), x.device)
+    ws = [(w.clone(), sz.clone()) for _ in range(n)]
+    return int4_triton.time_graph(lambda i: _tinygemm(x, *ws[i % n], tiny["group"]), calls, repeats)
 
 
 def _pack_torch_int4(backend: str, codes: Tensor, zeros: Tensor, scales: Tensor, gs: int) -> dict[str, Any]:

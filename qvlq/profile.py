@@ -1265,6 +1265,8 @@ class _Profiler:
 
 def _model_info(model: Any, precision: str, source: str, random_weights: bool, build_s: float,
                 disk_bytes: int | None) -> tuple[ModelInfo, WeightAccounting]:  # fmt: skip
+    from .int4 import kernel_selection
+
     acc = weight_accounting(model)
     dtype = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
     info = ModelInfo(
@@ -1276,17 +1278,9 @@ def _model_info(model: Any, precision: str, source: str, random_weights: bool, b
         bits_per_weight_overall=8 * (disk_bytes or acc.checkpoint_bytes) / max(acc.float_params, 1),
         read_bytes_per_token=acc.read_bytes_per_token, kv_bytes_per_token=acc.kv_bytes_per_token,
         int4_backends=int4_backends(model), build_seconds=build_s,
-        int4_selection=_int4_selection() if acc.bits_per_weight_linears < 16 else [],
+        int4_selection=kernel_selection() if acc.bits_per_weight_linears < 16 else [],
     )  # fmt: skip
     return info, acc
-
-
-def _int4_selection() -> list[dict[str, Any]]:
-    try:
-        from .int4 import kernel_selection
-    except ImportError:
-        return []
-    return kernel_selection()
 
 
 def precision_label(config: Any) -> str:
