@@ -66,6 +66,7 @@ class DemoResult:
     variants: list[VariantScore] = field(default_factory=list)
     profile_summary: list[dict[str, Any]] = field(default_factory=list)
     judge_free: list[dict[str, Any]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)  # qvlq.profile.Environment: where the numbers came from
 
 
 def _dir_bytes(d: Path) -> int:
@@ -92,7 +93,12 @@ def run_demo(opts: DemoOptions, on_event: Event | None = None) -> DemoResult:
     out = Path(opts.out)
     work = Path(opts.work) if opts.work else Path(tempfile.mkdtemp(prefix="qvlq-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    res = DemoResult(out=str(out), model=display_path(model_dir))
+    import torch
+
+    from .profile import environment, probe_nvml
+
+    dev = torch.device(opts.device)
+    res = DemoResult(out=str(out), model=display_path(model_dir), environment=asdict(environment(dev, probe_nvml(dev))))
     clock = time.perf_counter()
 
     def lap(step: str) -> None:
@@ -216,6 +222,13 @@ def demo_tables(res: DemoResult) -> list[TableSpec]:
     ]
 
 
+def _machine(e: dict[str, Any]) -> str:
+    where = f"{e['device_name']} ({e['device']})"
+    if e["device"] == "cpu":
+        where = f"the CPU ({e['cpu']}, {e['torch_threads']} torch threads)"
+    return f"{where}; torch {e['torch']}, transformers {e['transformers']}, Python {e['python']}, qvlq {e['qvlq']}"
+
+
 def render_markdown(res: DemoResult, tables: list[TableSpec]) -> str:
     c = res.chat
     lines = [
@@ -225,7 +238,8 @@ def render_markdown(res: DemoResult, tables: list[TableSpec]) -> str:
         f"{res.calibration.get('images')} images, image-token share {res.calibration.get('image_token_share', 0):.0%}",
         f"- chat (Int4): *{c.get('question')}* -> `{c.get('response')}` (reference `{c.get('reference')}`)"
         + (" — box drawn in grounding.png" if c.get("boxes") else ""),
-        "- details: `profile/report.md`, `compare/report.md`; everything ran on the CPU",
+        f"- ran on {_machine(res.environment)}",
+        "- details: `profile/report.md`, `compare/report.md`",
         "",
     ]
     return "\n".join(lines + markdown_tables(tables)) + "\n"

@@ -35,6 +35,10 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert {"precision", "engine", "context", "decode_tok_s", "status"} <= set(res.profile_summary[0])
     assert json.loads((out / "report.json").read_text())["model"] == display_path(default_model_dir())
     assert set(res.seconds) == {"calibrate", "quantize", "chat", "profile", "compare", "report"}
+    import torch
+
+    assert res.environment["device"] == "cpu" and res.environment["torch"] == torch.__version__
+    assert f"- ran on the CPU ({res.environment['cpu']}" in (out / "report.md").read_text()
 
 
 def test_demo_cli_bad_model(tmp_path: Path) -> None:
