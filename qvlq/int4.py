@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qvlq import int4_triton
+from qvlq import int4_mma, int4_triton
 from qvlq.gptq import QuantResult
 
-BACKENDS = ("auto", "fastest", "dequant", "int4_cpu", "int4_cuda", "triton")
+BACKENDS = ("auto", "fastest", "dequant", "int4_cpu", "int4_cuda", "triton", "mma")
 # Read in one place (QuantLinear._choose): what prepare("auto") means for layers on CUDA, e.g. to
-# profile the Triton kernel without code changes: QVLQ_INT4_BACKEND=triton|int4_cuda|fastest|dequant.
+# profile a kernel without code changes: QVLQ_INT4_BACKEND=mma|triton|int4_cuda|fastest|dequant.
 ENV_BACKEND = "QVLQ_INT4_BACKEND"
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what torch's int4 kernels accept for qGroupSize
 # Row count from which an int4 backend dequantizes the weight per call and runs one dense GEMM instead
@@ -41,10 +41,11 @@ KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what torch's int4 kernels accept for 
 # rows vs dequantize + GEMM 0.87 / 0.90 / 1.07 ms (4096x4096: 0.31 / 0.61 / 2.39 vs 0.36 / 0.37 / 0.43).
 # CPU (Xeon, AVX-512, 2 threads, 4096x4096, bf16): the int4 kernel takes 0.9 ms at 1 row but 307 ms at
 # 512 rows, where a dense bf16 GEMM takes 36-48 ms; 128 is an estimate of the crossover.
-# triton: its kernel re-reads the weight once per row (a GEMV, not a GEMM); 32 is an estimate.
-DEQUANT_ROWS: dict[str, int | None] = {"int4_cpu": 128, "int4_cuda": 512, "triton": 32}
-# prepare("fastest"): per (out, in, group, dtype), the measured choice and timings (tinygemm vs Triton at one
-# row, CUDA graph of many calls), measured once per distinct shape; read it with fastest_choices().
+# triton, mma: their kernels re-read the weight once per row (GEMVs, not GEMMs); 32 is an estimate.
+DEQUANT_ROWS: dict[str, int | None] = {"int4_cpu": 128, "int4_cuda": 512, "triton": 32, "mma": 32}
+CUDA_KERNELS = ("int4_cuda", "triton", "mma")  # what prepare("fastest") times against each other
+# prepare("fastest"): per (out, in, group, dtype), the measured choice and timings (each usable CUDA kernel at
+# one row, CUDA graph of many calls), measured once per distinct shape; read it with fastest_choices().
 FASTEST: dict[tuple[int, int, int, str], dict[str, Any]] = {}
 
 
@@ -53,8 +54,8 @@ def env_backend() -> str | None:
     value = os.environ.get(ENV_BACKEND, "").strip()
     if not value:
         return None
-    if value not in ("fastest", "dequant", "int4_cuda", "triton"):
-        raise ValueError(f"{ENV_BACKEND}={value!r}: expected triton, int4_cuda, fastest or dequant")
+    if value not in ("fastest", "dequant", *CUDA_KERNELS):
+        raise ValueError(f"{ENV_BACKEND}={value!r}: expected mma, triton, int4_cuda, fastest or dequant")
     return value
 
 
@@ -65,14 +66,21 @@ def fastest_choices() -> list[dict[str, Any]]:
 
 def kernel_selection() -> list[dict[str, Any]]:
     """What this process measured to pick int4 kernels, one entry per layer shape (for reports): the
-    prepare("fastest") choices, else the Triton tuning results (prepare("triton")); [] when nothing was timed."""
+    prepare("fastest") choices, else the tuning results of prepare("triton") / prepare("mma"); [] when
+    nothing was timed."""
     if FASTEST:
         return fastest_choices()
-    return [
+    triton = [
         {"out_features": k[0], "in_features": k[1], "group_size": k[2], "dtype": str(k[4]).removeprefix("torch."),
          "choice": "triton", "triton_us": r.seconds[r.best.name] * 1e6, "triton_config": r.best.name}
         for k, r in int4_triton.TUNED.items()
     ]  # fmt: skip
+    mma = [
+        {"out_features": k[0], "in_features": k[1], "group_size": k[2], "dtype": str(k[3]).removeprefix("torch."),
+         "choice": "mma", "mma_us": r.seconds[r.best.name] * 1e6, "mma_config": r.best.name}
+        for k, r in int4_mma.TUNED.items()
+    ]  # fmt: skip
+    return triton + mma
 
 
 def _run(bits: int) -> tuple[int, int]:
@@ -226,8 +234,10 @@ class QuantLinear(nn.Module):
       "int4_cpu"  torch's aten._weight_int4pack_mm_for_cpu (4 bit only).
       "int4_cuda" torch's tinygemm aten._weight_int4pack_mm (4 bit, bf16 activations, sm80+).
       "triton"    qvlq.int4_triton's GEMV kernel (4 bit, CUDA, needs triton), tuned per shape at prepare().
-      "fastest"   (a request, not a backend) on CUDA: time int4_cuda and triton once per distinct shape,
-                  use the faster (see FASTEST). "auto" keeps int4_cuda on CUDA unless QVLQ_INT4_BACKEND
+      "mma"       qvlq.int4_mma's tensor-core GEMV (4 bit, CUDA sm80+, compiled at run time by NVRTC), tuned
+                  per shape at prepare(); bf16 or fp16 activations (others are cast in and out).
+      "fastest"   (a request, not a backend) on CUDA: time the usable CUDA kernels (CUDA_KERNELS) once per
+                  distinct shape, use the fastest (see FASTEST). "auto" keeps int4_cuda on CUDA unless QVLQ_INT4_BACKEND
                   says otherwise.
     Both int4 kernels dequantize as (q - 8) * s + m per group, so m = s * (8 - zero). They need the
     groups contiguous; an act-order checkpoint (g_idx not i // group_size) is served by permuting the
@@ -329,8 +339,8 @@ class QuantLinear(nn.Module):
         if backend == "fastest":
             if not on_cuda:
                 return self._choose("auto")
-            usable = [b for b in ("int4_cuda", "triton") if self._int4_ok(b) is None]
-            return "fastest" if len(usable) == 2 else (usable[0] if usable else "dequant")
+            usable = [b for b in CUDA_KERNELS if self._int4_ok(b) is None]
+            return "fastest" if len(usable) > 1 else (usable[0] if usable else "dequant")
         if backend != "auto":
             return backend
         # CPU: dequant by default. int4_cpu (opt-in) saves memory and is fast with bf16/fp16 activations,
@@ -349,6 +359,13 @@ class QuantLinear(nn.Module):
             if torch.cuda.get_device_capability(self.qweight.device) < (8, 0):
                 return "triton needs compute capability 8.0+"
             return int4_triton.check_group_size(self.in_features, self.group_size) or int4_triton.triton_error()
+        if backend == "mma":
+            if not torch.cuda.is_available() or self.qweight.device.type != "cuda":
+                return "mma needs the layer on a CUDA device"
+            if torch.cuda.get_device_capability(self.qweight.device) < (8, 0):
+                return "mma needs compute capability 8.0+"
+            shape = int4_mma.check_shape(self.out_features, self.in_features, self.group_size)
+            return shape or int4_mma.runtime_error()
         if _kernel_group(self.in_features if self.group_size == -1 else self.group_size) is None:
             return f"group_size {self.group_size} is not a multiple of 32"
         if backend == "int4_cpu":
@@ -368,13 +385,13 @@ class QuantLinear(nn.Module):
     @torch.no_grad()
     def prepare(self, backend: str = "auto", dtype: torch.dtype | None = None, lean: bool = False) -> QuantLinear:
         """One-time repacking for the chosen backend (one of BACKENDS: 'auto', 'fastest', 'dequant',
-        'int4_cpu', 'int4_cuda', 'triton').
+        'int4_cpu', 'int4_cuda', 'triton', 'mma').
 
         dtype: for 'dequant', build the float weight now in this dtype (else at the first call); for
-        'triton' and 'fastest', the activation dtype to tune and time with (default bf16).
+        'triton', 'mma' and 'fastest', the activation dtype to tune and time with (default bf16).
         lean: int4 backends only: move the v1 buffers (qweight, qzeros, scales, g_idx) to host memory so the
         device holds one copy of the weight (the kernel's); every call, prefill included, then uses
-        the kernel (triton: many-row calls dequantize its copy per call; slower prefill, ~40% less
+        the kernel (triton, mma: many-row calls dequantize their copy per call; slower prefill, ~40% less
         weight memory). state_dict() still works."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}")
@@ -409,31 +426,50 @@ class QuantLinear(nn.Module):
             self._cache["tpack"] = packed
             self._cache["tcfg"] = int4_triton.best_config(packed, act_dtype)
             int4_triton.counters(packed.qweight.device)  # allocated now, outside any graph capture
+        elif chosen == "mma":
+            mdtype = act_dtype if act_dtype in int4_mma.FORMATS else torch.bfloat16
+            packed = int4_mma.pack(codes, zeros, scales, gs, mdtype)
+            self._cache["mpack"] = packed
+            self._cache["mcfg"] = int4_mma.best_config(packed)
+            if not self._cache.get("bias_zero"):
+                self._cache["bias_f32"] = self.bias.float()
         else:
             self._cache.update(_pack_torch_int4(chosen, codes, zeros, scales, gs))
         self.dequant_rows = DEQUANT_ROWS[chosen]
         if lean:
             for n in ("qweight", "qzeros", "g_idx", "scales"):
                 self._buffers[n] = self._buffers[n].cpu()
-            if chosen != "triton":  # triton's dense path dequantizes its own copy: keep it for prefill
+            if chosen not in ("triton", "mma"):  # these dequantize their own copy for prefill
                 self.dequant_rows = None
         self.backend = chosen
         return self
 
     def _fastest(self, codes: Tensor, zeros: Tensor, scales: Tensor, gs: int, dtype: torch.dtype) -> str:
-        """Time tinygemm and the tuned Triton kernel at one row, once per (out, in, group, dtype)."""
+        """Time every usable CUDA kernel (tuned) at one row, once per (out, in, group, dtype)."""
         key = (self.out_features, self.in_features, gs, str(dtype).removeprefix("torch."))
         if key not in FASTEST:
-            packed = int4_triton.pack(codes, zeros, scales, gs)
-            tuned = int4_triton.tuned(packed, dtype)
-            x = torch.randn(1, self.in_features, device=codes.device).to(dtype)
-            tiny_s = time_tinygemm(x, _pack_torch_int4("int4_cuda", codes, zeros, scales, gs))
-            triton_s = tuned.seconds[tuned.best.name]
-            FASTEST[key] = {
-                "out_features": self.out_features, "in_features": self.in_features, "group_size": gs,
-                "dtype": key[3], "choice": "triton" if triton_s < tiny_s else "int4_cuda",
-                "int4_cuda_us": tiny_s * 1e6, "triton_us": triton_s * 1e6, "triton_config": tuned.best.name,
+            rec: dict[str, Any] = {
+                "out_features": self.out_features, "in_features": self.in_features, "group_size": gs, "dtype": key[3],
             }  # fmt: skip
+            usable = [b for b in CUDA_KERNELS if self._int4_ok(b) is None]
+            if "int4_cuda" in usable:
+                x = torch.randn(1, self.in_features, device=codes.device).to(dtype)
+                rec["int4_cuda_us"] = time_tinygemm(x, _pack_torch_int4("int4_cuda", codes, zeros, scales, gs)) * 1e6
+            if "triton" in usable:
+                tuned = int4_triton.tuned(int4_triton.pack(codes, zeros, scales, gs), dtype)
+                rec["triton_us"], rec["triton_config"] = tuned.seconds[tuned.best.name] * 1e6, tuned.best.name
+            if "mma" in usable:
+                try:
+                    mdtype = dtype if dtype in int4_mma.FORMATS else torch.bfloat16
+                    res = int4_mma.tuned(int4_mma.pack(codes, zeros, scales, gs, mdtype))
+                    rec["mma_us"], rec["mma_config"] = res.seconds[res.best.name] * 1e6, res.best.name
+                except RuntimeError as e:  # no configuration compiled or matched: say so, use the others
+                    rec["mma_error"] = str(e)[:300]
+            timed = {b: rec[f"{b}_us"] for b in CUDA_KERNELS if f"{b}_us" in rec}
+            if not timed:
+                raise RuntimeError(f"no int4 CUDA kernel could be timed for {key}: {rec}")
+            rec["choice"] = min(timed, key=timed.__getitem__)
+            FASTEST[key] = rec
         return FASTEST[key]["choice"]
 
     def _float_weight(self, dtype: torch.dtype) -> Tensor:
@@ -466,8 +502,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.dequant_rows is not None and x2.shape[0] >= self.dequant_rows:
             # many rows (prefill): a transient float weight and one dense GEMM beat the int4 kernel
-            if self.backend == "triton":  # from the kernel's copy (lean mode keeps no v1 buffers on the device)
-                wt = int4_triton.dequantize(self._cache["tpack"], x.dtype)  # inputs in group order
+            if self.backend in ("triton", "mma"):  # from the kernel's copy (lean mode keeps no v1 buffers on device)
+                kernel = int4_triton if self.backend == "triton" else int4_mma
+                wt = kernel.dequantize(self._cache["tpack" if self.backend == "triton" else "mpack"], x.dtype)
                 if "perm" in self._cache:
                     x2 = x2[:, self._cache["perm"]]
             else:
@@ -483,6 +520,10 @@ class QuantLinear(nn.Module):
             bias = None if self._cache.get("bias_zero") else self.bias
             y = int4_triton.gemv(x2, self._cache["tpack"], bias, self._cache["tcfg"])
             return y.reshape(*lead, self.out_features)
+        if self.backend == "mma":  # bias added in fp32 inside the kernel; other activation dtypes cast in and out
+            packed = self._cache["mpack"]
+            y = int4_mma.gemv(x2.to(packed.dtype), packed, self._cache.get("bias_f32"), self._cache["mcfg"])
+            return y.to(x.dtype).reshape(*lead, self.out_features)
         if self.backend == "int4_cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.contiguous(), self._cache["packed"], self._cache["group"], self._scales_zeros(x.dtype)

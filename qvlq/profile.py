@@ -1598,9 +1598,12 @@ def report_tables(report: ProfileReport) -> list[TableSpec]:
 
 def _selection_text(c: dict[str, Any]) -> str:
     """One measured int4 kernel choice: shape, timings at one row, the winner."""
-    times = ", ".join(f"{k.removesuffix('_us')} {c[k]:.1f} us" for k in ("int4_cuda_us", "triton_us") if k in c)
-    cfg = f" [{c['triton_config']}]" if "triton_config" in c else ""
-    return f"{c['in_features']}->{c['out_features']}: {times}{cfg} -> {c['choice']}"
+    parts = []
+    for kernel in ("int4_cuda", "triton", "mma"):
+        if f"{kernel}_us" in c:
+            cfg = f" [{c[f'{kernel}_config']}]" if f"{kernel}_config" in c else ""
+            parts.append(f"{kernel} {c[f'{kernel}_us']:.1f} us{cfg}")
+    return f"{c['in_features']}->{c['out_features']}: {', '.join(parts)} -> {c['choice']}"
 
 
 def render_markdown(report: ProfileReport, tables: list[TableSpec], figures: Sequence[str] = ()) -> str:

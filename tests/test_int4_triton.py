@@ -297,12 +297,18 @@ if __name__ == "__main__" and "--interpret" in sys.argv:
 
 
 def test_kernel_selection_reports_what_was_measured(monkeypatch) -> None:
-    from qvlq import int4, int4_triton
+    from qvlq import int4, int4_mma, int4_triton
     from qvlq.profile import _selection_text
 
     monkeypatch.setattr(int4, "FASTEST", {})
     monkeypatch.setattr(int4_triton, "TUNED", {})
+    monkeypatch.setattr(int4_mma, "TUNED", {})
     assert int4.kernel_selection() == []
+    mcfg = int4_mma.DEFAULT_CONFIG
+    int4_mma.TUNED[(4096, 4096, 128, torch.bfloat16)] = int4_mma.TuneResult(mcfg, {mcfg.name: 7e-6}, {})
+    (only,) = int4.kernel_selection()
+    assert _selection_text(only) == f"4096->4096: mma 7.0 us [{mcfg.name}] -> mma"
+    int4_mma.TUNED.clear()
     cfg = int4_triton.DEFAULT_CONFIG
     int4_triton.TUNED[(4096, 11008, 128, 1, torch.bfloat16, torch.float16)] = int4_triton.TuneResult(
         cfg, {cfg.name: 20e-6}, {}
@@ -316,3 +322,6 @@ def test_kernel_selection_reports_what_was_measured(monkeypatch) -> None:
     }  # fmt: skip
     (chosen,) = int4.kernel_selection()  # the fastest-vs choices win over the bare tuning results
     assert _selection_text(chosen) == f"4096->4096: int4_cuda 9.5 us, triton 12.2 us [{cfg.name}] -> int4_cuda"
+    int4.FASTEST[(4096, 4096, 128, "bfloat16")].update(mma_us=6.0, mma_config="w8t1", choice="mma")
+    (chosen,) = int4.kernel_selection()
+    assert _selection_text(chosen).endswith(f"triton 12.2 us [{cfg.name}], mma 6.0 us [w8t1] -> mma")

@@ -14,3 +14,8 @@ if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] \
     && ! .venv/bin/python -c "import triton" 2>/dev/null; then
     .venv/bin/python -m pip install -q triton==3.6.0 || echo "install.sh: no triton wheel; the Triton kernel tests will skip"
 fi
+# Likewise NVRTC (CUDA torch wheels depend on it): the tests compile qvlq's CUDA int4 kernel through it.
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] \
+    && .venv/bin/python -c "import sys, torch; sys.exit(0 if torch.version.cuda is None else 1)"; then
+    .venv/bin/python -m pip install -q nvidia-cuda-nvrtc==13.0.88 || echo "install.sh: no NVRTC wheel; its test will skip"
+fi

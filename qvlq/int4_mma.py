@@ -1,0 +1,541 @@
+"""A tensor-core int4 GEMV for batch-1 decoding, in CUDA C compiled at run time (NVRTC, through ctypes).
+
+Why: at one row a linear layer is a pure weight stream (0.5 byte per weight). tinygemm reaches ~1/3 of
+the copy bandwidth there and qvlq's Triton kernel less (reports/int4/): both spend several integer and
+float instructions per weight. Here the dequantization costs ~1.4 instructions per weight and the
+multiply-add none: the weight tile is operand A of `mma.m16n8k16` (16 outputs x 16 inputs), x is
+operand B (its one column repeated in all 8), the tensor core accumulates in fp32.
+
+Per packed int32 word (8 codes) a lane builds its four A registers (two 16-bit values each) as
+    a_p = ((w >> 4p) & 0x000F000F) | MAGIC        p = 0..3: low half = code p, high half = code p + 4
+    a_p = a_p * 1 + (-(MAGIC_VALUE + z))          one fma.rn.{bf16,f16}x2: q - z, exact
+where MAGIC puts the code in the low mantissa bits (bf16 0x4300 = 128: 128 + q; fp16 0x6400 = 1024).
+Per group the two fp32 partial sums (rows g and g+8 of the tile) are scaled by s in fp32, so the
+result is sum_g s_g * sum_k (q - z) x: the reference's math up to fp32 summation order.
+
+Fragment layout of mma.m16n8k16 (PTX ISA; g = lane / 4, t = lane % 4):
+    A regs 0..3: (row g, k 2t..2t+1), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
+    B regs 0..1: (k 2t..2t+1, col g), (k 2t+8..2t+9, col g)       C: c0 = (row g, col 2t), c2 = (row g+8, col 2t)
+Mma k is a permutation of the real input index inside a 64-input chunk: tile j (0..3) maps k 2t+e to
+16t + 4j + e and k 2t+8+e to 16t + 4j + 2 + e, so lane quad t needs x[16t : 16t+16] of the chunk for all
+four tiles: two 16-byte loads, no shuffles. The layout (`pack`):
+    qweight int32 [N/16, K/64, 32, 4]   tile T, chunk c, lane, word j (mma tile j): one 16-byte load per lane
+    meta    int32 [N/16, G, 8, 4]       per tile, group, g: s(row g) f32 bits, s(row g+8), -(M+z) pairs
+A block owns `tiles` 16-row tiles; its `warps` warps split K in steps of 256 inputs (split-K inside the block,
+reduced through shared memory: no atomics, no second kernel); grid.y runs the rows of x. Each step loads
+all its weights and x before any math; the many warps per SM keep the memory system busy meanwhile.
+
+Needs: CUDA compute capability 8.0+, libnvrtc (PyTorch's CUDA wheels depend on it) and the driver's
+libcuda. Nothing is compiled until a kernel is launched; on the CPU the custom op runs `emulate`, a
+lane-by-lane model of the kernel that the tests check against the dense reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import site
+import sys
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from qvlq import int4_triton
+
+CHUNK = 64  # inputs per 16-byte lane load (4 mma tiles of 16)
+# dtype -> (magic halves, magic value, mma type, 1.0 halves); magic | q reads as magic value + q
+FORMATS = {
+    torch.bfloat16: (0x43004300, 128.0, "bf16", 0x3F803F80),
+    torch.float16: (0x64006400, 1024.0, "f16", 0x3C003C00),
+}
+STEP = 256  # inputs per loop step of a warp (4 chunks)
+
+
+class Config(NamedTuple):
+    """warps: warps per block, each taking a share of the K steps; tiles: 16-row tiles per block (a lane's x
+    loads serve all of them)."""
+
+    warps: int
+    tiles: int
+
+    @property
+    def name(self) -> str:
+        return f"w{self.warps}t{self.tiles}"
+
+
+CONFIGS = (Config(4, 1), Config(8, 1), Config(16, 1), Config(4, 2), Config(8, 2))  # what `tune` times
+DEFAULT_CONFIG = Config(8, 1)
+ENV_NVRTC = "QVLQ_NVRTC"  # path of libnvrtc.so, when it is not found on its own
+
+SOURCE = r"""
+// No headers: NVRTC compiles this as is. u4 is one 16-byte load.
+struct alignas(16) u4 { unsigned int x, y, z, w; };
+typedef unsigned long long u64;
+__device__ __forceinline__ float as_float(unsigned int u) {
+  float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(u)); return f;
+}
+// (a & b) | c in one instruction: with two immediates the compiler emits two
+__device__ __forceinline__ unsigned int and_or(unsigned int a, unsigned int b, unsigned int c) {
+  unsigned int d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+#define MMA_INTO(c0, c1, c2, c3)                                                                  \
+  asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                        \
+               : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)                                         \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * j]), "r"(b[2 * j + 1]))
+
+// One block: TN 16-row tiles of W (from blockIdx.x * TN) for one row of x (blockIdx.y). A step is 4
+// chunks (256 inputs); each of the WARPS warps takes a contiguous run of steps, shared memory sums them.
+extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
+    const u4* __restrict__ qw, const u4* __restrict__ meta, const unsigned short* __restrict__ x,
+    const float* __restrict__ bias, unsigned short* __restrict__ y, int K, int G, int ldx, int ldy) {
+  constexpr int GPS = CPG >= 4 ? 1 : 4 / CPG;  // groups met in one step
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tq = lane & 3;
+  const int tile0 = blockIdx.x * TN, m = blockIdx.y;
+  const int chunks = K / 64, steps = K / 256;
+  const u4* xp = reinterpret_cast<const u4*>(x + (u64)m * ldx) + tq * 2;
+  const int s0 = warp * steps / WARPS, s1 = (warp + 1) * steps / WARPS;
+  const unsigned int mask = 0x000F000Fu, magic = MAGIC, one = ONE2;
+  float acc[TN][2];
+#pragma unroll
+  for (int t = 0; t < TN; ++t) acc[t][0] = acc[t][1] = 0.f;
+  for (int s = s0; s < s1; ++s) {
+    u4 wv[TN][4], xv[4][2], md[TN][GPS];  // all loads of the step first, then the math
+#pragma unroll
+    for (int t = 0; t < TN; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wv[t][i] = qw[((u64)(tile0 + t) * chunks + s * 4 + i) * 32 + lane];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { xv[i][0] = xp[(s * 4 + i) * 8]; xv[i][1] = xp[(s * 4 + i) * 8 + 1]; }
+#pragma unroll
+    for (int t = 0; t < TN; ++t)
+#pragma unroll
+      for (int q = 0; q < GPS; ++q) md[t][q] = meta[((u64)(tile0 + t) * G + s * 4 / CPG + q) * 8 + gid];
+#pragma unroll
+    for (int t = 0; t < TN; ++t) {
+      float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f, e0 = 0.f, e1 = 0.f, e2 = 0.f, e3 = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const u4 mi = md[t][CPG >= 4 ? 0 : i / CPG];
+        const unsigned int w[4] = {wv[t][i].x, wv[t][i].y, wv[t][i].z, wv[t][i].w};
+        const unsigned int b[8] = {xv[i][0].x, xv[i][0].y, xv[i][0].z, xv[i][0].w,
+                                   xv[i][1].x, xv[i][1].y, xv[i][1].z, xv[i][1].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          unsigned int a[4];
+#pragma unroll
+          for (int p = 0; p < 4; ++p)  // magic + q, then + (-(magic + z)): q - z, exact
+            asm(FMA2 " %0, %1, %2, %3;"
+                : "=r"(a[p]) : "r"(and_or(w[j] >> (4 * p), mask, magic)), "r"(one), "r"((p & 1) ? mi.w : mi.z));
+          if (j & 1) MMA_INTO(e0, e1, e2, e3);  // two accumulator sets: back-to-back mma do not wait
+          else MMA_INTO(d0, d1, d2, d3);
+        }
+        if ((CPG < 4 && i % CPG == CPG - 1) || i == 3) {  // end of a group, or of the step
+          acc[t][0] += as_float(mi.x) * (d0 + e0);
+          acc[t][1] += as_float(mi.y) * (d2 + e2);
+          d0 = d1 = d2 = d3 = e0 = e1 = e2 = e3 = 0.f;
+        }
+      }
+    }
+  }
+  __shared__ float red[WARPS][TN * 16];
+  if (tq == 0) {
+#pragma unroll
+    for (int t = 0; t < TN; ++t) { red[warp][t * 16 + gid] = acc[t][0]; red[warp][t * 16 + gid + 8] = acc[t][1]; }
+  }
+  __syncthreads();
+  if (threadIdx.x < TN * 16) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) sum += red[w][threadIdx.x];  // fixed order: deterministic
+    const int n = tile0 * 16 + threadIdx.x;
+    if (bias != nullptr) sum += bias[n];
+    unsigned short out;
+    asm(CVT " %0, %1;" : "=h"(out) : "f"(sum));
+    y[(u64)m * ldy + n] = out;
+  }
+}
+"""
+
+
+class Packed(NamedTuple):
+    """The kernel's copy of one linear layer (see the module docstring)."""
+
+    qweight: Tensor  # int32 [N/16, K/64, 32, 4]
+    meta: Tensor  # int32 [N/16, G, 8, 4]
+    group_size: int
+    dtype: torch.dtype  # activation dtype the zero terms were built for (bf16 or fp16)
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * CHUNK
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0] * 16
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.meta))
+
+
+# ------------------------------------------------------------------------------------------ layout
+def check_shape(out_features: int, in_features: int, group_size: int) -> str | None:
+    """None if the kernel can serve this layer shape, else why not."""
+    gs = in_features if group_size == -1 else group_size
+    if out_features % 16:
+        return f"out_features {out_features} is not a multiple of 16 (one mma tile)"
+    if in_features % STEP:
+        return f"in_features {in_features} is not a multiple of {STEP} (one loop step)"
+    if gs % CHUNK or in_features % gs or (STEP % gs if gs < STEP else gs % STEP):
+        return f"group size {gs} must be 64, 128 or a multiple of {STEP} dividing in_features {in_features}"
+    return None
+
+
+@functools.cache
+def _lane_map(device: torch.device) -> tuple[Tensor, Tensor]:
+    """For (lane, word j, nibble p): the row in the 16-row tile and the input in the 64-input chunk."""
+    lane = torch.arange(32).view(32, 1, 1)
+    j = torch.arange(4).view(1, 4, 1)
+    p = torch.arange(8).view(1, 1, 8)
+    reg, half = p % 4, p // 4  # register a_reg, low (code p) or high (code p + 4) half
+    row = lane // 4 + 8 * (reg % 2)
+    k = 16 * (lane % 4) + 4 * j + 2 * (reg // 2) + half
+    return row.expand(32, 4, 8).to(device), k.expand(32, 4, 8).to(device)
+
+
+def pack(codes: Tensor, zeros: Tensor, scales: Tensor, group_size: int, dtype: torch.dtype = torch.bfloat16) -> Packed:
+    """codes uint8 [N, K] (inputs in group-contiguous order), zeros [G, N] (the real zero point), scales
+    [G, N] -> the kernel's layout, for activations of ``dtype`` (bf16 or fp16). Exact: scales become fp32."""
+    n, k = codes.shape
+    gs = k if group_size == -1 else group_size
+    reason = check_shape(n, k, gs)
+    if reason is not None:
+        raise ValueError(reason)
+    if dtype not in FORMATS:
+        raise ValueError(f"activation dtype must be bfloat16 or float16, got {dtype}")
+    g = k // gs
+    if tuple(zeros.shape) != (g, n) or tuple(scales.shape) != (g, n):
+        raise ValueError(f"zeros {tuple(zeros.shape)} and scales {tuple(scales.shape)} must be [{g}, {n}]")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError("codes must be 4-bit values in [0, 15]")
+    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 127):
+        raise ValueError("zero points must lie in [0, 127] (magic value + zero must be exact in 16 bits)")
+    row, kk = _lane_map(codes.device)
+    tiles = codes.to(torch.int32).view(n // 16, 16, k // CHUNK, CHUNK).permute(0, 2, 1, 3)  # [T, C, 16, 64]
+    nib = tiles[:, :, row, kk]  # [T, C, 32 lanes, 4 words, 8 nibbles]
+    words = torch.zeros(nib.shape[:-1], dtype=torch.int32, device=codes.device)
+    for p in range(8):  # int32 wraps: nibble 7 sets the sign bit
+        words |= nib[..., p] << (4 * p)
+    _, magic_value, _, _ = FORMATS[dtype]
+    neg = (-(magic_value + zeros.float())).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    neg = (neg | (neg << 16)).T.reshape(n // 16, 16, g).permute(0, 2, 1)  # [T, G, 16]: both halves
+    s = scales.float().T.reshape(n // 16, 16, g).permute(0, 2, 1).contiguous().view(torch.int32)
+    meta = torch.stack([s[..., :8], s[..., 8:], neg[..., :8], neg[..., 8:]], dim=-1)  # [T, G, 8, 4]
+    return Packed(words.contiguous(), meta.contiguous(), gs, dtype)
+
+
+def unpack(p: Packed) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of pack: codes uint8 [N, K], zeros int32 [G, N], scales fp32 [G, N]."""
+    t, c = p.qweight.shape[:2]
+    n, k, g = t * 16, c * CHUNK, p.meta.shape[1]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=p.qweight.device)
+    nib = (p.qweight.unsqueeze(-1) >> shifts) & 0xF  # [T, C, 32, 4, 8]
+    row, kk = _lane_map(p.qweight.device)
+    tiles = torch.zeros(t, c, 16, CHUNK, dtype=torch.int32, device=p.qweight.device)
+    tiles[:, :, row, kk] = nib
+    codes = tiles.permute(0, 2, 1, 3).reshape(n, k).to(torch.uint8)
+    s = p.meta[..., :2].contiguous().view(torch.float32)  # [T, G, 8, 2]: rows g, g + 8
+    scales = s.permute(0, 1, 3, 2).reshape(t, g, 16).permute(1, 0, 2).reshape(g, n)
+    neg = (p.meta[..., 2:] & 0xFFFF).to(torch.int16).view(p.dtype).float()  # -(magic value + z)
+    _, magic_value, _, _ = FORMATS[p.dtype]
+    zeros = (-neg - magic_value).permute(0, 1, 3, 2).reshape(t, g, 16).permute(1, 0, 2).reshape(g, n)
+    return codes, zeros.round().to(torch.int32), scales
+
+
+def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> Tensor:
+    """W [K, N] = s * (q - z) in fp32, rounded once (inputs in group order)."""
+    codes, zeros, scales = unpack(p)
+    n, k = codes.shape
+    q = codes.T.to(torch.int32).view(-1, p.group_size, n)
+    return ((q - zeros.unsqueeze(1)).float() * scales.unsqueeze(1)).reshape(k, n).to(dtype)
+
+
+def reference(x: Tensor, p: Packed, bias: Tensor | None = None) -> Tensor:
+    """The kernel's result by dense fp32 math, in x's dtype."""
+    y = x.float() @ dequantize(p)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def emulate(x: Tensor, p: Packed, bias: Tensor | None = None) -> Tensor:
+    """The kernel, lane by lane: the A registers built from each lane's words as the CUDA code builds them,
+    B from each lane's two x loads, the mma as the PTX fragment layout defines it (fp32), then the
+    per-group scale and the sum over groups. Tests check it against `reference`, so the packing, the
+    register recipe and the fragment mapping are verified without a GPU."""
+    m, k = x.shape
+    t, c = p.qweight.shape[:2]
+    g = p.meta.shape[1]
+    cpg = p.group_size // CHUNK
+    magic, _, _, _ = FORMATS[p.dtype]
+    lane = torch.arange(32)
+    gid, tq = lane // 4, lane % 4
+    # A: a_p = ((w >> 4p) & 0x000F000F) | MAGIC, then + (-(M + z)) of row gid (p even) or gid + 8 (p odd)
+    w = p.qweight.unsqueeze(-1)  # [T, C, 32, 4, 1]
+    shifts = torch.arange(0, 16, 4, dtype=torch.int32)
+    a = ((w >> shifts) & 0x000F000F) | magic  # [T, C, lane, j, reg]
+    halves = torch.stack([a & 0xFFFF, (a >> 16) & 0xFFFF], -1).to(torch.int16).view(p.dtype).float()
+    neg = (p.meta[..., 2:] & 0xFFFF).to(torch.int16).view(p.dtype).float()  # [T, G, gid, 2]
+    neg = neg.repeat_interleave(cpg, dim=1)[:, :, gid]  # [T, C, lane, 2]: rows gid, gid + 8
+    reg = torch.arange(4)
+    vals = halves + neg[:, :, :, None, reg % 2, None]  # [T, C, lane, j, reg, half]: q - z, exact
+    mat = torch.zeros(t, c, 4, 16, 16)  # A tile per (T, chunk, j): [row, mma k]
+    rows = (gid[:, None] + 8 * (reg % 2)[None, :])[:, :, None].expand(32, 4, 2)
+    kcol = (2 * tq[:, None, None] + 8 * (reg // 2)[None, :, None] + torch.arange(2)[None, None, :]).expand(32, 4, 2)
+    mat[:, :, :, rows, kcol] = vals.permute(0, 1, 3, 2, 4, 5)
+    # B: lane quad tq holds x[64c + 16tq + 4j + (0, 1)] for mma k 2tq+(0,1) and + (2, 3) for 2tq+8+(0,1)
+    kappa = torch.arange(16)
+    e, hi = kappa % 2, (kappa // 8)
+    quad = (kappa % 8) // 2
+    real = 16 * quad[None, :] + 4 * torch.arange(4)[:, None] + 2 * hi[None, :] + e[None, :]  # [j, 16]
+    xb = x.float().view(m, c, CHUNK)[:, :, real]  # [M, C, j, 16]
+    part = torch.einsum("tcjrk,mcjk->mtcr", mat, xb)  # [M, T, C, 16]: each chunk's mma sums
+    per_group = part.view(m, t, g, cpg, 16).sum(3)
+    s = p.meta[..., :2].contiguous().view(torch.float32).permute(0, 1, 3, 2).reshape(t, g, 16)
+    y = (per_group * s).sum(2).reshape(m, t * 16)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ runtime
+def _candidates() -> list[str]:
+    """Where libnvrtc may be: $QVLQ_NVRTC, PyTorch's nvidia-* wheels, the CUDA toolkit, the linker path."""
+    found = [os.environ[ENV_NVRTC]] if os.environ.get(ENV_NVRTC) else []
+    roots = [*site.getsitepackages(), site.getusersitepackages(), *sys.path]
+    for root in dict.fromkeys(r for r in roots if r and os.path.isdir(r)):
+        found += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", "libnvrtc.so*")), reverse=True)
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            found += sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")), reverse=True)
+    found = [f for f in found if "builtins" not in os.path.basename(f)]
+    return found + ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
+
+
+@functools.cache
+def _nvrtc() -> ctypes.CDLL:
+    errors = []
+    for name in _candidates():
+        try:
+            # NVRTC dlopens its builtins library by name; wheels ship it beside libnvrtc without an rpath
+            builtins = sorted(glob.glob(os.path.join(os.path.dirname(name), "libnvrtc-builtins.so.*")))
+            for b in (f for f in builtins if ".alt." not in f) if os.path.dirname(name) else ():
+                ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(name)
+        except OSError as e:
+            errors.append(str(e).split(":")[-1].strip())
+            continue
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        return lib
+    raise RuntimeError(f"libnvrtc not found (set {ENV_NVRTC}=/path/to/libnvrtc.so); tried {len(errors)} places")
+
+
+@functools.cache
+def _cuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def runtime_error() -> str | None:
+    """None if libnvrtc and libcuda load, else why not (checked before choosing this backend)."""
+    try:
+        _nvrtc()
+        _cuda()
+    except (RuntimeError, OSError) as e:
+        return f"int4_mma needs libnvrtc and libcuda: {e}"
+    return None
+
+
+def defines(dtype: torch.dtype, group_size: int, cfg: Config) -> dict[str, str]:
+    """The preprocessor definitions that specialise SOURCE."""
+    magic, _, kind, one = FORMATS[dtype]
+    return {
+        "MAGIC": f"0x{magic:08X}u",
+        "ONE2": f"0x{one:08X}u",
+        "MMA": f'"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32"',
+        "FMA2": f'"fma.rn.{kind}x2"',
+        "CVT": f'"cvt.rn.{kind}.f32"',
+        "CPG": str(group_size // CHUNK),
+        "WARPS": str(cfg.warps),
+        "TN": str(cfg.tiles),
+    }
+
+
+def compile_cubin(arch: str, defs: dict[str, str]) -> bytes:
+    """SOURCE -> CUBIN for arch (e.g. "sm_90") with NVRTC; a compile error raises with NVRTC's log."""
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            log = ""
+            size = ctypes.c_size_t()
+            if lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)) == 0 and size.value > 1:
+                buf = ctypes.create_string_buffer(size.value)
+                lib.nvrtcGetProgramLog(prog, buf)
+                log = buf.value.decode(errors="replace").strip()
+            raise RuntimeError(f"NVRTC {what}: {lib.nvrtcGetErrorString(rc).decode()} {log}".strip())
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"qvlq_int4_mma.cu", 0, None, None), "create")
+    try:
+        opts = [f"--gpu-architecture={arch}", "--std=c++17", *(f"-D{k}={v}" for k, v in defs.items())]
+        arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+        check(lib.nvrtcCompileProgram(prog, len(opts), arr), "compile")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        buf = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, buf), "cubin")
+        return buf.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _check_cu(rc: int, what: str) -> None:
+    if rc != 0:
+        msg = ctypes.c_char_p()
+        _cuda().cuGetErrorString(rc, ctypes.byref(msg))
+        raise RuntimeError(f"CUDA driver {what}: error {rc} {msg.value.decode() if msg.value else ''}".strip())
+
+
+@functools.cache
+def _function(device_index: int, dtype: torch.dtype, group_size: int, cfg: Config) -> ctypes.c_void_p:
+    """The compiled kernel on one device (module kept alive by the cache)."""
+    major, minor = torch.cuda.get_device_capability(device_index)
+    cubin = compile_cubin(f"sm_{major}{minor}", defines(dtype, group_size, cfg))
+    cu = _cuda()
+    with torch.cuda.device(device_index):
+        torch.cuda.current_stream().synchronize()  # PyTorch's primary context is current on this thread now
+        module, fn = ctypes.c_void_p(), ctypes.c_void_p()
+        _check_cu(cu.cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
+        _check_cu(cu.cuModuleGetFunction(ctypes.byref(fn), module, b"qvlq_int4_mma"), "cuModuleGetFunction")
+    _MODULES.append(module)
+    return fn
+
+
+_MODULES: list[ctypes.c_void_p] = []
+
+
+def launch(
+    x: Tensor, p: Packed, bias: Tensor | None, cfg: Config = DEFAULT_CONFIG, out: Tensor | None = None
+) -> Tensor:
+    """y [M, N] = x [M, K] @ W (+ bias fp32) on CUDA, in x's dtype (must be the dtype p was packed for)."""
+    m, k = x.shape
+    if k != p.in_features:
+        raise ValueError(f"x has {k} features, the weight {p.in_features}")
+    if x.dtype != p.dtype:
+        raise ValueError(f"x is {x.dtype}, the weight was packed for {p.dtype} activations")
+    if p.out_features % (16 * cfg.tiles):
+        raise ValueError(f"config {cfg.name}: out_features {p.out_features} is not a multiple of {16 * cfg.tiles}")
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows are read with 16-byte loads
+        x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
+    y = torch.empty(m, p.out_features, dtype=x.dtype, device=x.device) if out is None else out
+    fn = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), p.dtype,
+                   p.group_size, cfg)  # fmt: skip
+    b = None if bias is None else bias.float().contiguous()
+    args = [
+        ctypes.c_void_p(p.qweight.data_ptr()), ctypes.c_void_p(p.meta.data_ptr()), ctypes.c_void_p(x.data_ptr()),
+        ctypes.c_void_p(b.data_ptr() if b is not None else 0), ctypes.c_void_p(y.data_ptr()),
+        ctypes.c_int(k), ctypes.c_int(p.meta.shape[1]), ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)),
+    ]  # fmt: skip
+    params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+    stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
+    _check_cu(
+        _cuda().cuLaunchKernel(
+            fn, p.out_features // (16 * cfg.tiles), m, 1, cfg.warps * 32, 1, 1, 0, stream, params, None
+        ),
+        "cuLaunchKernel",
+    )
+    return y
+
+
+# ------------------------------------------------------------------------------------------ custom op
+# torch.compile(fullgraph=True) traces QuantLinear.forward: the ctypes launch must be opaque to dynamo.
+@torch.library.custom_op("qvlq::int4_mma_gemv", mutates_args=())
+def _int4_mma_op(
+    x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, group_size: int, warps: int, tiles: int
+) -> Tensor:
+    p = Packed(qweight, meta, group_size, x.dtype)
+    if x.device.type != "cuda":  # CPU: the lane-by-lane model of the kernel
+        return emulate(x, p, bias)
+    return launch(x, p, bias, Config(warps, tiles))
+
+
+@_int4_mma_op.register_fake
+def _(x, qweight, meta, bias, group_size, warps, tiles):
+    return x.new_empty(x.shape[0], qweight.shape[0] * 16)
+
+
+def gemv(x: Tensor, p: Packed, bias: Tensor | None = None, cfg: Config = DEFAULT_CONFIG) -> Tensor:
+    """y [M, N] = x [M, K] @ W (+ bias, added in fp32), in x's dtype: the kernel on CUDA, `emulate` on CPU."""
+    if x.dtype != p.dtype:
+        raise ValueError(f"x is {x.dtype}, the weight was packed for {p.dtype} activations")
+    return torch.ops.qvlq.int4_mma_gemv(x.contiguous(), p.qweight, p.meta, bias, p.group_size, cfg.warps, cfg.tiles)
+
+
+# ------------------------------------------------------------------------------------------ tuning
+class TuneResult(NamedTuple):
+    best: Config
+    seconds: dict[str, float]  # config name -> median seconds per call
+    dropped: dict[str, str]  # config name -> why (error, mismatch, shape)
+
+
+TUNED: dict[tuple, TuneResult] = {}  # (N, K, group, dtype) -> result
+
+
+@torch.no_grad()
+def tune(p: Packed, bias: Tensor | None = None, calls: int = 200, repeats: int = 5, seed: int = 0) -> TuneResult:
+    """Check each configuration against the reference at one row, time the ones that match (CUDA graph of
+    many calls, weight copies rotated past L2, as int4_triton.tune) and keep the fastest."""
+    dev = p.qweight.device
+    if dev.type != "cuda":
+        raise ValueError("tune() needs the packed weight on a CUDA device")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(1, p.in_features, device=dev, generator=gen).to(p.dtype)
+    ref = reference(x.float(), p, bias)
+    n_copies = int4_triton.copies_for_l2(p.nbytes(), dev)
+    ps = [p] + [Packed(p.qweight.clone(), p.meta.clone(), p.group_size, p.dtype) for _ in range(n_copies - 1)]
+    seconds: dict[str, float] = {}
+    dropped: dict[str, str] = {}
+    for cfg in CONFIGS:
+        if p.out_features % (16 * cfg.tiles):
+            dropped[cfg.name] = f"out_features not a multiple of {16 * cfg.tiles}"
+            continue
+        try:
+            bad = int4_triton.mismatch(gemv(x, p, bias, cfg), ref)
+            if bad:
+                dropped[cfg.name] = f"mismatch: {bad}"
+                continue
+            call = lambda i, c=cfg: gemv(x, ps[i % n_copies], bias, c)  # noqa: E731
+            seconds[cfg.name] = int4_triton.time_graph(call, calls, repeats)
+        except Exception as e:  # compile or launch errors: drop the configuration
+            torch.cuda.synchronize(dev)
+            dropped[cfg.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    if not seconds:
+        raise RuntimeError(f"no int4_mma configuration works for N={p.out_features} K={p.in_features}: {dropped}")
+    by_name = {c.name: c for c in CONFIGS}
+    return TuneResult(by_name[min(seconds, key=seconds.__getitem__)], seconds, dropped)
+
+
+def tuned(p: Packed) -> TuneResult:
+    """tune() once per (N, K, group, dtype): cached in TUNED."""
+    key = (p.out_features, p.in_features, p.group_size, p.dtype)
+    if key not in TUNED:
+        TUNED[key] = tune(p)
+    return TUNED[key]
+
+
+def best_config(p: Packed) -> Config:
+    """The tuned configuration for this layer's shape; DEFAULT_CONFIG off CUDA."""
+    return tuned(p).best if p.qweight.device.type == "cuda" else DEFAULT_CONFIG

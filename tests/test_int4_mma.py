@@ -1,0 +1,228 @@
+"""qvlq.int4_mma: the tensor-core int4 GEMV, its packing, its lane-by-lane model and QuantLinear's "mma" backend.
+
+Levels:
+  CPU, always   packing round trip; `emulate` (the kernel's register recipe and the PTX fragment layout,
+                lane by lane) against the dense reference, and that it notices a layout error; the custom
+                op under torch.compile; QuantLinear's wiring.
+  compilers     the CUDA source through nvcc (registers, spills) and through qvlq's own NVRTC path, each
+                skipped where that compiler is absent (CI: nvcc is on the machine, install.sh adds NVRTC).
+  gpu           the kernel against the reference at full-size shapes, in a compiled CUDA graph, and in
+                prepare("fastest").
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+from test_int4_triton import gptq_linear, random_linear
+
+from qvlq import int4_mma as M
+from qvlq.int4_triton import mismatch, rel_error
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def random_packed(n: int, k: int, gs: int, dtype: torch.dtype, seed: int = 0) -> tuple[M.Packed, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    groups = k // (k if gs == -1 else gs)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 17, (groups, n), generator=g)
+    scales = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half()
+    return M.pack(codes, zeros, scales, gs, dtype), codes
+
+
+SHAPES = [(32, 256, 64), (48, 512, 128), (16, 1024, 256), (32, 1024, 512), (16, 512, -1)]
+
+
+# ------------------------------------------------------------------------------------------ CPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,gs", SHAPES)
+def test_pack_round_trip(n, k, gs, dtype):
+    g = torch.Generator().manual_seed(1)
+    groups = k // (k if gs == -1 else gs)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 128, (groups, n), generator=g)
+    scales = torch.rand(groups, n, generator=g).half()
+    c, z, s = M.unpack(M.pack(codes, zeros, scales, gs, dtype))
+    assert torch.equal(c, codes) and torch.equal(z, zeros.int()) and torch.equal(s, scales.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,gs", SHAPES)
+@pytest.mark.parametrize("rows,bias", [(1, True), (3, False)])
+def test_emulated_kernel_matches_reference(n, k, gs, dtype, rows, bias):
+    p, _ = random_packed(n, k, gs, dtype)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(2)).to(dtype)
+    b = torch.randn(n).half() if bias else None
+    y = M.emulate(x, p, b)
+    assert y.dtype == dtype and y.shape == (rows, n)
+    assert mismatch(y, M.reference(x.float(), p, b)) is None
+
+
+@pytest.mark.parametrize("break_it", ["swap lanes", "swap words", "shift x"])
+def test_emulation_notices_a_layout_error(break_it):
+    """The model must be able to fail: a wrong lane or word order, or x read one chunk off, is far off."""
+    p, _ = random_packed(32, 512, 128, torch.bfloat16)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    ref = M.reference(x.float(), p)
+    q = p.qweight.clone()
+    if break_it == "swap lanes":
+        q[:, :, [0, 4]] = q[:, :, [4, 0]]
+    elif break_it == "swap words":
+        q[..., [0, 1]] = q[..., [1, 0]]
+    else:
+        x = torch.roll(x, 64, dims=1)
+    assert mismatch(M.emulate(x, p._replace(qweight=q)), ref) is not None
+
+
+def test_lane_map_covers_each_tile_and_chunk_once():
+    row, k = M._lane_map(torch.device("cpu"))
+    cells = set(zip((row * 64 + k).flatten().tolist(), strict=True))
+    assert len(cells) == 16 * 64  # every (row, input) of a 16 x 64 block exactly once
+
+
+def test_shape_and_value_checks():
+    assert M.check_shape(4096, 11008, 128) is None and M.check_shape(12288, 4096, -1) is None
+    assert "multiple of 16" in M.check_shape(40, 256, 64)
+    assert "multiple of 256" in M.check_shape(32, 384, 128)
+    assert "group size" in M.check_shape(32, 512, 32)
+    codes = torch.zeros(16, 256, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="zero points"):
+        M.pack(codes, torch.full((2, 16), 128), torch.ones(2, 16), 128)
+    with pytest.raises(ValueError, match="4-bit"):
+        M.pack(codes + 16, torch.ones(2, 16), torch.ones(2, 16), 128)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        M.pack(codes, torch.ones(2, 16), torch.ones(2, 16), 128, torch.float32)
+    p, _ = random_packed(16, 256, 128, torch.bfloat16)
+    with pytest.raises(ValueError, match="packed for"):
+        M.gemv(torch.randn(1, 256).half(), p)
+
+
+def test_custom_op_under_compile_matches_emulation():
+    p, _ = random_packed(32, 512, 128, torch.bfloat16)
+    x = torch.randn(2, 512).to(torch.bfloat16)
+    eager = M.gemv(x, p, None, M.Config(4, 2))
+    compiled = torch.compile(lambda t: M.gemv(t, p, None, M.Config(4, 2)), backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), eager) and torch.equal(eager, M.emulate(x, p))
+
+
+def test_quantlinear_wiring_on_cpu(monkeypatch):
+    """QuantLinear's mma path (perm for act-order, fp32 bias, dtype cast, dense many-row path from its own
+    copy) with the op's CPU implementation, against the dequant backend."""
+    from qvlq import int4
+
+    lin = gptq_linear(out=32, inp=256, group_size=128, desc_act=True)
+    assert "CUDA" in lin._int4_ok("mma")
+    with pytest.raises(ValueError, match="mma"):
+        lin.prepare("mma")
+    monkeypatch.setattr(int4.QuantLinear, "_int4_ok", lambda self, backend: None)
+    lin.prepare("mma", lean=True)
+    assert lin.backend == "mma" and "perm" in lin._cache and "mpack" in lin._cache
+    ref = gptq_linear(out=32, inp=256, group_size=128, desc_act=True).prepare("dequant")
+    for rows, dt in [(1, torch.bfloat16), (2, torch.float32), (40, torch.bfloat16)]:  # 40 >= DEQUANT_ROWS
+        x = torch.randn(rows, 256).to(dt)
+        y, want = lin(x), ref(x.to(torch.bfloat16).float())  # the kernel reads bf16 activations
+        assert y.dtype == dt
+        if rows < lin.dequant_rows:  # the kernel: exact up to its output rounding
+            assert mismatch(y.to(torch.bfloat16), want) is None
+        else:  # the dense path: a bf16 weight and a bf16 GEMM
+            assert rel_error(y, want) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------ compilers
+def _nvcc(tmp_path, arch: str, dtype: torch.dtype, gs: int, cfg: M.Config) -> str:
+    src = tmp_path / "k.cu"
+    src.write_text(M.SOURCE)
+    cmd = ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(src)]
+    cmd += [f"-D{k}={v}" for k, v in M.defines(dtype, gs, cfg).items()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_source_compiles_without_spills(tmp_path, arch, dtype):
+    for cfg in M.CONFIGS:  # the group size of the official checkpoint: no local-memory traffic in the loop
+        log = _nvcc(tmp_path, arch, dtype, 128, cfg)
+        assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, log
+    for gs in (64, 256, 1024):
+        _nvcc(tmp_path, arch, dtype, gs, M.DEFAULT_CONFIG)
+
+
+def _nvrtc_error() -> str | None:
+    try:
+        M._nvrtc()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.skipif(_nvrtc_error() is not None, reason=f"libnvrtc not found: {_nvrtc_error()}")
+def test_nvrtc_path_compiles_and_reports_errors(monkeypatch):
+    for cfg in M.CONFIGS:
+        cubin = M.compile_cubin("sm_90", M.defines(torch.bfloat16, 128, cfg))
+        assert cubin[:4] == b"\x7fELF"
+    monkeypatch.setattr(M, "SOURCE", M.SOURCE.replace("acc[t][0] +=", "undeclared[t][0] +=", 1))
+    with pytest.raises(RuntimeError, match="undeclared"):
+        M.compile_cubin("sm_80", M.defines(torch.float16, 64, M.DEFAULT_CONFIG))
+
+
+def test_missing_nvrtc_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(M, "_candidates", lambda: ["/nonexistent/libnvrtc.so"])
+    M._nvrtc.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=M.ENV_NVRTC):
+            M._nvrtc()
+    finally:
+        M._nvrtc.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------ GPU
+gpu = pytest.mark.skipif(not HAS_CUDA or M.runtime_error() is not None, reason="needs CUDA, libnvrtc and libcuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize(
+    "out_in", [(4096, 4096), (12288, 4096), (11008, 4096), (4096, 11008)], ids=["c_proj", "c_attn", "w1", "mlp.c_proj"]
+)
+def test_full_size_kernel_matches_reference(out_in):
+    n, k = out_in
+    for dtype in (torch.bfloat16, torch.float16):
+        p, _ = random_packed(n, k, 128, dtype, seed=4)
+        p = M.Packed(p.qweight.cuda(), p.meta.cuda(), p.group_size, dtype)
+        bias = torch.randn(n, device="cuda")
+        for rows in (1, 3):
+            x = torch.randn(rows, k, device="cuda").to(dtype)
+            ref = M.reference(x.float(), p, bias)
+            for cfg in M.CONFIGS:
+                bad = mismatch(M.gemv(x, p, bias, cfg), ref)
+                assert bad is None, f"{cfg.name} {dtype} rows={rows}: {bad}"
+    res = M.tuned(p)
+    assert res.best.name in res.seconds and not res.dropped, res.dropped
+
+
+@pytest.mark.gpu
+@gpu
+def test_quantlinear_mma_in_compiled_graph_and_fastest():
+    from qvlq import int4
+
+    lin = gptq_linear(out=256, inp=512, group_size=128, desc_act=True).cuda().prepare("mma")
+    assert lin.backend == "mma"
+    w = lin.dequantize().T
+    x = torch.randn(1, 1, 512, device="cuda", dtype=torch.bfloat16)
+    eager = lin(x)
+    assert mismatch(eager[0], x[0].float() @ w + lin.bias.float()) is None
+    step = torch.compile(lin, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        torch.compiler.cudagraph_mark_step_begin()
+        got = step(x).clone()
+    assert torch.equal(got, eager)  # fixed reduction order: bit-identical
+    fast = random_linear(4096, 4096, seed=5).cuda().prepare("fastest")
+    rec = [r for r in int4.fastest_choices() if (r["out_features"], r["in_features"]) == (4096, 4096)]
+    assert rec and rec[0]["choice"] == fast.backend and rec[0].get("mma_us", 0) > 0, rec
