@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, sized for one 8-minute device call on an H100/H200:
-#   1. CUDA tests of the Triton int4 kernel and of chat's CUDA-graph engine   (pytest -m gpu, <= 75 s)
-#   2. int4 GEMV per full-size shape: tinygemm vs the Triton kernel           (benchmarks/int4_gemv.py, <= 75 s)
+#   1. CUDA tests of qvlq's int4 kernels (Triton, mma) and of chat's CUDA-graph engine (pytest -m gpu, <= 100 s)
+#   2. int4 GEMV per full-size shape: tinygemm vs both kernels            (benchmarks/int4_gemv.py, <= 90 s)
 #   3. the profile: fast engine compiled, BF16 + Int4, contexts 2048 and 8192 (benchmarks/profile_full.sh)
-#      with QVLQ_INT4_BACKEND=fastest (each int4 shape timed on both kernels, the faster kept and recorded
-#      in the report) when 1 and 2 passed; else tinygemm
+#      with QVLQ_INT4_BACKEND=fastest (each int4 shape timed on every usable kernel, the fastest kept and
+#      recorded in the report) when 1 and 2 passed; else tinygemm
 #   4. the compiled decode step kernel by kernel, with the same int4 choice  (benchmarks/decode_kernels.py)
 #      if the budget has room left
 # The `hf` engine (the seed's eager loop) is left out: it does not change with these kernels and its cells
@@ -30,13 +30,14 @@ say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LO
 
 say "gpu_checks: start; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
 say "1. CUDA tests"
-timeout -k 5 75 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_int4_triton.py tests/test_chat.py \
+timeout -k 5 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_int4_mma.py tests/test_int4_triton.py \
+    tests/test_chat.py \
     2>&1 | tee -a "$LOG" | tail -n 15
 tests_rc=$?
 say "1. rc=$tests_rc"
 
 say "2. int4 GEMV benchmark"
-timeout -k 5 75 "$PY" benchmarks/int4_gemv.py --out "$OUT/int4-gemv.json" 2>&1 | tee -a "$LOG" | tail -n 40
+timeout -k 5 90 "$PY" benchmarks/int4_gemv.py --out "$OUT/int4-gemv.json" 2>&1 | tee -a "$LOG" | tail -n 40
 bench_rc=$?
 say "2. rc=$bench_rc"
 

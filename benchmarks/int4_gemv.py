@@ -1,4 +1,5 @@
-"""Batch-1 int4 GEMV on the full-size shapes: qvlq's Triton kernel (every config) against torch's tinygemm.
+"""Batch-1 int4 GEMV on the full-size shapes: qvlq's two kernels (Triton, and the tensor-core CUDA kernel of
+qvlq.int4_mma; every config of each) against torch's tinygemm.
 
 For the five quantized linears of a Qwen-7B block (group 128, random codes, scales and zero points):
 max abs error of each kernel against the fp32 reference, time per call (a CUDA graph of --calls calls,
@@ -8,11 +9,11 @@ and its share of a measured device-to-device copy bandwidth. Ends with the int4 
 decode step (32 blocks x 5 linears) with each kernel.
 
     python benchmarks/int4_gemv.py --out int4-gemv.json        # CUDA; well under a minute on an H100/H200
-    python benchmarks/int4_gemv.py --dry-run                   # CPU: small shapes, reference checks, and
-                                                               # the kernel under TRITON_INTERPRET=1 when
-                                                               # triton is importable
+    python benchmarks/int4_gemv.py --dry-run                   # CPU: small shapes, reference checks, the
+                                                               # Triton kernel under TRITON_INTERPRET=1 when
+                                                               # triton is importable, the mma kernel's model
 
-Exit status 1 if triton is missing (CUDA run) or any kernel result is wrong.
+Exit status 1 if any kernel result is wrong, or (CUDA run) neither of qvlq's kernels can run.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qvlq import int4_mma as M  # noqa: E402
 from qvlq import int4_triton as T  # noqa: E402
 from qvlq.int4 import _pack_torch_int4, _tinygemm, time_tinygemm  # noqa: E402
 from qvlq.io import write_json  # noqa: E402
@@ -46,7 +48,8 @@ FULL_SHAPES = [
     ("mlp.w2", 4096, 11008),
     ("mlp.c_proj", 11008, 4096),
 ]
-DRY_SHAPES = [("tiny.a", 256, 64), ("tiny.b", 384, 40)]
+DRY_SHAPES = [("tiny.a", 256, 64), ("tiny.b", 512, 48)]
+KINDS = ("tinygemm", "triton", "mma")
 BLOCKS = 32
 GROUP = 128
 
@@ -82,23 +85,36 @@ def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: fl
         y = _tinygemm(x, tw, tsz, tiny["group"])
         row["tinygemm_max_abs_err"] = float((y.float() - ref).abs().max())
         row["tinygemm_us"] = 1e6 * time_tinygemm(x, tiny, args.calls, args.repeats)
-        try:
-            res = T.tune(p, args.m, dtype, calls=args.calls, repeats=args.repeats)
-        except RuntimeError as e:  # no config compiled and matched
-            row["triton_mismatch"] = str(e)
-            return row
-        row["configs_us"] = {c: s * 1e6 for c, s in res.seconds.items()}
-        row["dropped"] = res.dropped
-        row["triton_best"] = res.best.name
-        row["triton_us"] = row["configs_us"][res.best.name]
-        y = T.gemv(x, p, None, res.best)
-        row["triton_max_abs_err"] = float((y.float() - ref).abs().max())
-        row["triton_mismatch"] = T.mismatch(y, ref)
-        for kind in ("tinygemm", "triton"):
-            gbps = row[f"{kind}_bytes"] / (row[f"{kind}_us"] * 1e-6) / 1e9
-            row[f"{kind}_GBps"] = gbps
-            row[f"{kind}_pct_copy"] = 100 * gbps * 1e9 / copy_bw if copy_bw else None
-        row["speedup"] = row["tinygemm_us"] / row["triton_us"]
+        row["configs_us"], row["dropped"] = {}, {}
+        if T.triton_error() is None:
+            try:
+                res = T.tune(p, args.m, dtype, calls=args.calls, repeats=args.repeats)
+                row["configs_us"].update({f"triton {c}": s * 1e6 for c, s in res.seconds.items()})
+                row["dropped"].update({f"triton {c}": why for c, why in res.dropped.items()})
+                row["triton_best"], row["triton_us"] = res.best.name, res.seconds[res.best.name] * 1e6
+                y = T.gemv(x, p, None, res.best)
+                row["triton_max_abs_err"] = float((y.float() - ref).abs().max())
+                row["triton_mismatch"] = T.mismatch(y, ref)
+            except RuntimeError as e:  # no config compiled and matched
+                row["triton_mismatch"] = str(e)
+        if M.runtime_error() is None and args.m == 1:
+            mp = M.pack(codes, zeros, scales, GROUP, dtype)
+            row["mma_bytes"] = mp.nbytes()
+            try:
+                res = M.tune(mp, calls=args.calls, repeats=args.repeats)
+                row["configs_us"].update({f"mma {c}": s * 1e6 for c, s in res.seconds.items()})
+                row["dropped"].update({f"mma {c}": why for c, why in res.dropped.items()})
+                row["mma_best"], row["mma_us"] = res.best.name, res.seconds[res.best.name] * 1e6
+                y = M.gemv(x, mp, None, res.best)
+                row["mma_max_abs_err"] = float((y.float() - ref).abs().max())
+                row["mma_mismatch"] = T.mismatch(y, ref)
+            except RuntimeError as e:
+                row["mma_mismatch"] = str(e)
+        for kind in KINDS:
+            if f"{kind}_us" in row:
+                gbps = row[f"{kind}_bytes"] / (row[f"{kind}_us"] * 1e-6) / 1e9
+                row[f"{kind}_GBps"] = gbps
+                row[f"{kind}_pct_copy"] = 100 * gbps * 1e9 / copy_bw if copy_bw else None
     elif T.triton_error() is None:  # TRITON_INTERPRET=1: every config, correctness only
         row["configs_us"], row["dropped"] = {}, {}
         for cfg in T.CONFIGS:
@@ -108,32 +124,38 @@ def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: fl
             else:
                 row["configs_us"][cfg.name] = None
         row["triton_mismatch"] = next(iter(row["dropped"].values()), None)
+    if not cuda:  # the mma kernel's lane-by-lane model
+        mp = M.pack(codes, zeros, scales, GROUP, dtype)
+        row["mma_mismatch"] = T.mismatch(M.emulate(x, mp), ref)
     return row
 
 
 def show(console: Console, rows: list[dict[str, Any]], copy_bw: float | None) -> None:
     table = Table(title=f"int4 GEMV, M={rows[0]['rows']}, {rows[0]['dtype']}, group {GROUP}")
-    for col in ("layer", "K -> N", "tinygemm us", "GB/s", "% copy", "triton us", "GB/s", "% copy", "speedup",
-                "best config", "max err tiny / triton"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("layer", "best config") else "right")
+    table.add_column("layer")
+    table.add_column("K -> N", justify="right")
+    for kind in KINDS:
+        for col in (f"{kind} us", "GB/s", "% copy"):
+            table.add_column(col, justify="right")
+    table.add_column("best configs (triton / mma)")
+    table.add_column("max err (tiny / triton / mma)", justify="right")
 
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
     for r in rows:
-        table.add_row(
-            r["name"], f"{r['in_features']} -> {r['out_features']}",
-            f(r.get("tinygemm_us"), ".2f"), f(r.get("tinygemm_GBps"), ".0f"), f(r.get("tinygemm_pct_copy"), ".0f"),
-            f(r.get("triton_us"), ".2f"), f(r.get("triton_GBps"), ".0f"), f(r.get("triton_pct_copy"), ".0f"),
-            f(r.get("speedup"), ".2f"), r.get("triton_best", "-"),
-            f"{f(r.get('tinygemm_max_abs_err'), '.2e')} / {f(r.get('triton_max_abs_err'), '.2e')}",
-        )  # fmt: skip
+        cells = [r["name"], f"{r['in_features']} -> {r['out_features']}"]
+        for kind in KINDS:
+            cells += [f(r.get(f"{kind}_{c}"), sp) for c, sp in (("us", ".2f"), ("GBps", ".0f"), ("pct_copy", ".0f"))]
+        cells.append(f"{r.get('triton_best', '-')} / {r.get('mma_best', '-')}")
+        cells.append(" / ".join(f(r.get(f"{k}_max_abs_err"), ".1e") for k in ("tinygemm", "triton", "mma")))
+        table.add_row(*cells)
     console.print(table)
     configs = sorted(
         {c for r in rows for c in r.get("configs_us", {})} | {c for r in rows for c in r.get("dropped", {})}
     )
     if configs:
-        ct = Table(title="Triton configs, us per call (x = dropped)")
+        ct = Table(title="Kernel configs, us per call (x = dropped)")
         ct.add_column("config")
         for r in rows:
             ct.add_column(r["name"], justify="right")
@@ -168,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         console.print("[red]no CUDA device (use --dry-run on a CPU machine)")
         return 1
-    if not args.dry_run and T.triton_error():
-        console.print(f"[red]{T.triton_error()}")
+    if not args.dry_run and T.triton_error() and M.runtime_error():
+        console.print(f"[red]neither of qvlq's kernels can run: {T.triton_error()}; {M.runtime_error()}")
         return 1
     shapes = DRY_SHAPES if args.dry_run else FULL_SHAPES
     copy_bw = None if args.dry_run else measure_bandwidth(torch.device("cuda"), 1 << 30) * 1e9  # bytes/s
@@ -183,23 +205,28 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "triton": None if T.triton_error() else __import__("triton").__version__,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "mma_runtime": M.runtime_error() or "ok",
         "copy_GBps": copy_bw / 1e9 if copy_bw else None,
         "calls_per_graph": args.calls,
         "repeats": args.repeats,
         "shapes": rows,
     }
-    if not args.dry_run and all("triton_us" in r for r in rows):  # one decode step: every shape once per block
-        step = {kind: BLOCKS * sum(r[f"{kind}_us"] for r in rows) / 1e3 for kind in ("tinygemm", "triton")}
+    if not args.dry_run:  # one decode step: every shape once per block
+        step = {k: BLOCKS * sum(r[f"{k}_us"] for r in rows) / 1e3 for k in KINDS if all(f"{k}_us" in r for r in rows)}
         result["decode_step_int4_ms"] = step
         console.print(
-            f"int4 matmuls per decode step ({BLOCKS} blocks x {len(rows)}): tinygemm {step['tinygemm']:.3f} ms, "
-            f"triton {step['triton']:.3f} ms ({step['tinygemm'] / step['triton']:.2f}x)"
+            f"int4 matmuls per decode step ({BLOCKS} blocks x {len(rows)}): "
+            + ", ".join(f"{k} {ms:.3f} ms ({step['tinygemm'] / ms:.2f}x tinygemm)" for k, ms in step.items())
         )
     result["seconds"] = time.perf_counter() - t0
     if args.out:
         write_json(args.out, result)
         console.print(f"wrote {args.out}")
-    failures = [r["name"] for r in rows if not r["pack_exact"] or r["reference_mismatch"] or r.get("triton_mismatch")]
+    failures = [
+        r["name"]
+        for r in rows
+        if not r["pack_exact"] or r["reference_mismatch"] or r.get("triton_mismatch") or r.get("mma_mismatch")
+    ]
     if failures:
         console.print(f"[red]wrong results: {sorted(set(failures))}")
         return 1
