@@ -63,6 +63,21 @@ def random_layer(k: int, n: int, device: str, seed: int) -> tuple[torch.Tensor, 
     return codes, zeros, scales
 
 
+def record(row: dict[str, Any], kind: str, tune: Any, run: Any, ref: torch.Tensor) -> None:
+    """Tune one of qvlq's kernels (every config checked and timed), then check its best config's output."""
+    try:
+        res = tune()
+    except RuntimeError as e:  # no config compiled and matched
+        row[f"{kind}_mismatch"] = str(e)
+        return
+    row["configs_us"].update({f"{kind} {c}": s * 1e6 for c, s in res.seconds.items()})
+    row["dropped"].update({f"{kind} {c}": why for c, why in res.dropped.items()})
+    row[f"{kind}_best"], row[f"{kind}_us"] = res.best.name, res.seconds[res.best.name] * 1e6
+    y = run(res.best)
+    row[f"{kind}_max_abs_err"] = float((y.float() - ref).abs().max())
+    row[f"{kind}_mismatch"] = T.mismatch(y, ref)
+
+
 def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: float | None) -> dict[str, Any]:
     cuda = not args.dry_run
     device = "cuda" if cuda else "cpu"
@@ -87,29 +102,13 @@ def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: fl
         row["tinygemm_us"] = 1e6 * time_tinygemm(x, tiny, args.calls, args.repeats)
         row["configs_us"], row["dropped"] = {}, {}
         if T.triton_error() is None:
-            try:
-                res = T.tune(p, args.m, dtype, calls=args.calls, repeats=args.repeats)
-                row["configs_us"].update({f"triton {c}": s * 1e6 for c, s in res.seconds.items()})
-                row["dropped"].update({f"triton {c}": why for c, why in res.dropped.items()})
-                row["triton_best"], row["triton_us"] = res.best.name, res.seconds[res.best.name] * 1e6
-                y = T.gemv(x, p, None, res.best)
-                row["triton_max_abs_err"] = float((y.float() - ref).abs().max())
-                row["triton_mismatch"] = T.mismatch(y, ref)
-            except RuntimeError as e:  # no config compiled and matched
-                row["triton_mismatch"] = str(e)
+            record(row, "triton", lambda: T.tune(p, args.m, dtype, calls=args.calls, repeats=args.repeats),
+                   lambda cfg: T.gemv(x, p, None, cfg), ref)  # fmt: skip
         if M.runtime_error() is None and args.m == 1:
             mp = M.pack(codes, zeros, scales, GROUP, dtype)
             row["mma_bytes"] = mp.nbytes()
-            try:
-                res = M.tune(mp, calls=args.calls, repeats=args.repeats)
-                row["configs_us"].update({f"mma {c}": s * 1e6 for c, s in res.seconds.items()})
-                row["dropped"].update({f"mma {c}": why for c, why in res.dropped.items()})
-                row["mma_best"], row["mma_us"] = res.best.name, res.seconds[res.best.name] * 1e6
-                y = M.gemv(x, mp, None, res.best)
-                row["mma_max_abs_err"] = float((y.float() - ref).abs().max())
-                row["mma_mismatch"] = T.mismatch(y, ref)
-            except RuntimeError as e:
-                row["mma_mismatch"] = str(e)
+            record(row, "mma", lambda: M.tune(mp, calls=args.calls, repeats=args.repeats),
+                   lambda cfg: M.gemv(x, mp, None, cfg), ref)  # fmt: skip
         for kind in KINDS:
             if f"{kind}_us" in row:
                 gbps = row[f"{kind}_bytes"] / (row[f"{kind}_us"] * 1e-6) / 1e9
