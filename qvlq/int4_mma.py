@@ -71,9 +71,11 @@ DEFAULT_CONFIG = Config(8, 1)
 ENV_NVRTC = "QVLQ_NVRTC"  # path of libnvrtc.so, when it is not found on its own
 
 SOURCE = r"""
-// No headers: NVRTC compiles this as is. u4 is one 16-byte load.
+// No headers: NVRTC compiles this as is. u4 is one 16-byte load. The PTX sits in the four functions
+// below; tests build the kernel for the host with C++ versions of them (QVLQ_HOST, see host_harness).
 struct alignas(16) u4 { unsigned int x, y, z, w; };
 typedef unsigned long long u64;
+#ifndef QVLQ_HOST
 __device__ __forceinline__ float as_float(unsigned int u) {
   float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(u)); return f;
 }
@@ -81,10 +83,20 @@ __device__ __forceinline__ float as_float(unsigned int u) {
 __device__ __forceinline__ unsigned int and_or(unsigned int a, unsigned int b, unsigned int c) {
   unsigned int d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
-#define MMA_INTO(c0, c1, c2, c3)                                                                  \
-  asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"                        \
-               : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)                                         \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * j]), "r"(b[2 * j + 1]))
+// a * b + c on two 16-bit values
+__device__ __forceinline__ unsigned int fma2(unsigned int a, unsigned int b, unsigned int c) {
+  unsigned int d; asm(FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ unsigned short to_half(float v) {
+  unsigned short h; asm(CVT " %0, %1;" : "=h"(h) : "f"(v)); return h;
+}
+// d += A (16x16, 4 regs per lane) @ B (16x8, 2 regs per lane), fp32 (4 regs per lane)
+__device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+  asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
 
 // One block: TN 16-row tiles of W (from blockIdx.x * TN) for one row of x (blockIdx.y). A step is 4
 // chunks (256 inputs); each of the WARPS warps takes a contiguous run of steps, shared memory sums them.
@@ -116,7 +128,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
       for (int q = 0; q < GPS; ++q) md[t][q] = meta[((u64)(tile0 + t) * G + s * 4 / CPG + q) * 8 + gid];
 #pragma unroll
     for (int t = 0; t < TN; ++t) {
-      float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f, e0 = 0.f, e1 = 0.f, e2 = 0.f, e3 = 0.f;
+      float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const u4 mi = md[t][CPG >= 4 ? 0 : i / CPG];
@@ -128,15 +140,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
           unsigned int a[4];
 #pragma unroll
           for (int p = 0; p < 4; ++p)  // magic + q, then + (-(magic + z)): q - z, exact
-            asm(FMA2 " %0, %1, %2, %3;"
-                : "=r"(a[p]) : "r"(and_or(w[j] >> (4 * p), mask, magic)), "r"(one), "r"((p & 1) ? mi.w : mi.z));
-          if (j & 1) MMA_INTO(e0, e1, e2, e3);  // two accumulator sets: back-to-back mma do not wait
-          else MMA_INTO(d0, d1, d2, d3);
+            a[p] = fma2(and_or(w[j] >> (4 * p), mask, magic), one, (p & 1) ? mi.w : mi.z);
+          mma((j & 1) ? e : d, a, b[2 * j], b[2 * j + 1]);  // two accumulator sets: back-to-back mma do not wait
         }
         if ((CPG < 4 && i % CPG == CPG - 1) || i == 3) {  // end of a group, or of the step
-          acc[t][0] += as_float(mi.x) * (d0 + e0);
-          acc[t][1] += as_float(mi.y) * (d2 + e2);
-          d0 = d1 = d2 = d3 = e0 = e1 = e2 = e3 = 0.f;
+          acc[t][0] += as_float(mi.x) * (d[0] + e[0]);
+          acc[t][1] += as_float(mi.y) * (d[2] + e[2]);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) d[r] = e[r] = 0.f;
         }
       }
     }
@@ -153,9 +164,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     for (int w = 0; w < WARPS; ++w) sum += red[w][threadIdx.x];  // fixed order: deterministic
     const int n = tile0 * 16 + threadIdx.x;
     if (bias != nullptr) sum += bias[n];
-    unsigned short out;
-    asm(CVT " %0, %1;" : "=h"(out) : "f"(sum));
-    y[(u64)m * ldy + n] = out;
+    y[(u64)m * ldy + n] = to_half(sum);
   }
 }
 """
@@ -416,7 +425,13 @@ def _function(device_index: int, dtype: torch.dtype, group_size: int, cfg: Confi
     cubin = compile_cubin(f"sm_{major}{minor}", defines(dtype, group_size, cfg))
     cu = _cuda()
     with torch.cuda.device(device_index):
-        torch.cuda.current_stream().synchronize()  # PyTorch's primary context is current on this thread now
+        ctx = ctypes.c_void_p()
+        _check_cu(cu.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+        if not ctx.value:  # no CUDA work on this thread yet: an allocation makes PyTorch's context current
+            torch.empty(1, device=f"cuda:{device_index}")
+            _check_cu(cu.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+        if not ctx.value:
+            raise RuntimeError("no current CUDA context on this thread for the int4_mma kernel")
         module, fn = ctypes.c_void_p(), ctypes.c_void_p()
         _check_cu(cu.cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
         _check_cu(cu.cuModuleGetFunction(ctypes.byref(fn), module, b"qvlq_int4_mma"), "cuModuleGetFunction")

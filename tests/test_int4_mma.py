@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_int4_triton import gptq_linear, random_linear
@@ -152,6 +154,62 @@ def test_source_compiles_without_spills(tmp_path, arch, dtype):
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, log
     for gs in (64, 256, 1024):
         _nvcc(tmp_path, arch, dtype, gs, M.DEFAULT_CONFIG)
+
+
+HARNESS = Path(__file__).with_name("int4_mma_host.cpp")
+
+
+def host_kernel(tmp_path: Path, p: M.Packed, x: torch.Tensor, bias: torch.Tensor | None, cfg: M.Config,
+                source: str = M.SOURCE) -> torch.Tensor:  # fmt: skip
+    """Run the CUDA source's kernel on the host (tests/int4_mma_host.cpp): y [M, N] in x's dtype."""
+    (tmp_path / "kernel.cu").write_text(source)
+    exe = tmp_path / "kernel"
+    cmd = ["g++", "-std=c++20", "-O1", "-pthread", f"-I{tmp_path}", f"-DQVLQ_BF16={int(p.dtype == torch.bfloat16)}"]
+    cmd += [f"-D{k}={v}" for k, v in M.defines(p.dtype, p.group_size, cfg).items()] + [str(HARNESS), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p.qweight.numpy().tofile(tmp_path / "qw.bin")
+    p.meta.numpy().tofile(tmp_path / "meta.bin")
+    x.contiguous().view(torch.int16).numpy().tofile(tmp_path / "x.bin")
+    if bias is not None:
+        bias.float().numpy().tofile(tmp_path / "bias.bin")
+    n, k, g, m = p.out_features, p.in_features, p.meta.shape[1], x.shape[0]
+    args = [str(exe), str(tmp_path), str(n), str(k), str(g), str(m), str(int(bias is not None))]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    y = torch.from_numpy(np.fromfile(tmp_path / "y.bin", dtype=np.int16))
+    return y.view(p.dtype).reshape(m, n)
+
+
+HOST_CASES = [  # (dtype, N, K, group, config, rows, bias): warps without steps, groups across steps, TN 2
+    (torch.bfloat16, 32, 768, 128, M.Config(8, 1), 2, True),
+    (torch.float16, 64, 512, 64, M.Config(4, 2), 1, False),
+    (torch.bfloat16, 16, 1024, 512, M.Config(16, 1), 1, True),
+    (torch.bfloat16, 32, 512, -1, M.Config(4, 1), 1, False),
+    (torch.float16, 32, 1024, 256, M.Config(8, 2), 3, True),
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
+@pytest.mark.parametrize("case", HOST_CASES, ids=lambda c: f"{str(c[0])[6:]}-{c[1]}x{c[2]}-g{c[3]}-{c[4].name}-m{c[5]}")
+def test_cuda_source_on_the_host_matches_reference(tmp_path, case):
+    dtype, n, k, gs, cfg, rows, with_bias = case
+    p, _ = random_packed(n, k, gs, dtype, seed=n + k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5)).to(dtype)
+    bias = torch.randn(n) if with_bias else None
+    y = host_kernel(tmp_path, p, x, bias, cfg)
+    assert mismatch(y, M.reference(x.float(), p, bias)) is None
+    assert torch.equal(y, M.emulate(x, p, bias)) or mismatch(y, M.emulate(x, p, bias).float()) is None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
+def test_host_build_notices_a_kernel_bug(tmp_path):
+    p, _ = random_packed(16, 512, 128, torch.bfloat16)
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    bug = M.SOURCE.replace("b[2 * j], b[2 * j + 1]", "b[2 * j + 1], b[2 * j]")
+    assert bug != M.SOURCE
+    y = host_kernel(tmp_path, p, x, None, M.DEFAULT_CONFIG, source=bug)
+    assert mismatch(y, M.reference(x.float(), p)) is not None
 
 
 def _nvrtc_error() -> str | None:

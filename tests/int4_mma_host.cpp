@@ -1,0 +1,124 @@
+// Host build of qvlq.int4_mma.SOURCE for the tests: the kernel body exactly as written, one std::thread per
+// CUDA thread, its PTX helpers replaced by C++ with the semantics the PTX ISA gives them (mma: a warp-wide
+// exchange of fragments through shared state, the fragment layout of mma.m16n8k16). What this checks on a
+// machine without a GPU: the kernel's own indexing (tiles, chunks, steps per warp, groups, x offsets, the
+// shared-memory reduction, bias, output) against the Python packing. What it cannot: that the PTX layout
+// assumed here (and in int4_mma.emulate) is the hardware's; the GPU tests check that.
+//
+// Build: g++ -std=c++20 -O1 -pthread -I<dir with kernel.cu> -DQVLQ_BF16=0|1 <int4_mma.defines as -D> this.cpp
+// Run:   ./a.out <dir> N K G M has_bias   (reads qw.bin meta.bin x.bin [bias.bin], writes y.bin)
+#include <barrier>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#define QVLQ_HOST 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static  // one instance: blocks run one after another
+
+struct Dim { int x = 0, y = 0, z = 0; };
+thread_local Dim threadIdx, blockIdx;
+static std::barrier<>* block_barrier;
+static void __syncthreads() { block_barrier->arrive_and_wait(); }
+
+static float as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+static unsigned int and_or(unsigned int a, unsigned int b, unsigned int c) { return (a & b) | c; }
+#if QVLQ_BF16
+static float h2f(unsigned int h) { return as_float((h & 0xFFFFu) << 16); }
+static unsigned short f2h(float f) {  // round to nearest even (finite values)
+  unsigned int u; std::memcpy(&u, &f, 4);
+  return (unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+#else
+static float h2f(unsigned int h) { unsigned short s = h & 0xFFFFu; _Float16 v; std::memcpy(&v, &s, 2); return (float)v; }
+static unsigned short f2h(float f) { _Float16 v = (_Float16)f; unsigned short s; std::memcpy(&s, &v, 2); return s; }
+#endif
+static unsigned int fma2(unsigned int a, unsigned int b, unsigned int c) {
+  unsigned int lo = f2h(h2f(a) * h2f(b) + h2f(c)), hi = f2h(h2f(a >> 16) * h2f(b >> 16) + h2f(c >> 16));
+  return lo | (hi << 16);
+}
+static unsigned short to_half(float v) { return f2h(v); }
+
+struct Warp {
+  std::barrier<>* bar;
+  unsigned int a[32][4], b[32][2];
+  float c[32][4];
+};
+static Warp* warps;
+
+static void mma(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
+  const int lane = threadIdx.x & 31;
+  Warp& w = warps[threadIdx.x >> 5];
+  std::memcpy(w.a[lane], a, 16);
+  w.b[lane][0] = b0;
+  w.b[lane][1] = b1;
+  std::memcpy(w.c[lane], d, 16);
+  w.bar->arrive_and_wait();
+  if (lane == 0) {
+    float A[16][16], B[16][8], D[16][8];
+    for (int l = 0; l < 32; ++l) {
+      const int g = l >> 2, t = l & 3;
+      for (int r = 0; r < 4; ++r)
+        for (int h = 0; h < 2; ++h) A[g + 8 * (r & 1)][2 * t + 8 * (r >> 1) + h] = h2f(w.a[l][r] >> (16 * h));
+      for (int r = 0; r < 2; ++r)
+        for (int h = 0; h < 2; ++h) B[2 * t + 8 * r + h][g] = h2f(w.b[l][r] >> (16 * h));
+      for (int i = 0; i < 4; ++i) D[g + 8 * (i >> 1)][2 * t + (i & 1)] = w.c[l][i];
+    }
+    for (int r = 0; r < 16; ++r)
+      for (int n = 0; n < 8; ++n)
+        for (int k = 0; k < 16; ++k) D[r][n] += A[r][k] * B[k][n];
+    for (int l = 0; l < 32; ++l)
+      for (int i = 0; i < 4; ++i) w.c[l][i] = D[(l >> 2) + 8 * (i >> 1)][2 * (l & 3) + (i & 1)];
+  }
+  w.bar->arrive_and_wait();
+  std::memcpy(d, w.c[lane], 16);
+  w.bar->arrive_and_wait();  // everyone has read before the next mma writes
+}
+
+#include "kernel.cu"
+
+template <class T>
+static std::vector<T> load(const std::string& path, size_t n) {
+  std::vector<T> v(n);
+  std::ifstream f(path, std::ios::binary);
+  f.read(reinterpret_cast<char*>(v.data()), (std::streamsize)(n * sizeof(T)));
+  if (!f) { std::fprintf(stderr, "short read: %s\n", path.c_str()); std::exit(2); }
+  return v;
+}
+
+int main(int argc, char** argv) {
+  if (argc != 7) { std::fprintf(stderr, "usage: %s dir N K G M has_bias\n", argv[0]); return 2; }
+  const std::string dir = argv[1];
+  const int N = std::atoi(argv[2]), K = std::atoi(argv[3]), G = std::atoi(argv[4]), M = std::atoi(argv[5]);
+  const bool has_bias = std::atoi(argv[6]) != 0;
+  auto qw = load<u4>(dir + "/qw.bin", (size_t)N / 16 * K / 64 * 32);
+  auto meta = load<u4>(dir + "/meta.bin", (size_t)N / 16 * G * 8);
+  auto x = load<unsigned short>(dir + "/x.bin", (size_t)M * K);
+  std::vector<float> bias = has_bias ? load<float>(dir + "/bias.bin", N) : std::vector<float>();
+  std::vector<unsigned short> y((size_t)M * N, 0xFFFF);
+  std::vector<Warp> ws(WARPS);
+  for (auto& w : ws) w.bar = new std::barrier<>(32);
+  warps = ws.data();
+  block_barrier = new std::barrier<>(WARPS * 32);
+  for (int by = 0; by < M; ++by)
+    for (int bx = 0; bx < N / 16 / TN; ++bx) {
+      std::vector<std::thread> threads;
+      for (int t = 0; t < WARPS * 32; ++t)
+        threads.emplace_back([&, t, bx, by] {
+          threadIdx.x = t;
+          blockIdx.x = bx;
+          blockIdx.y = by;
+          qvlq_int4_mma(qw.data(), meta.data(), x.data(), has_bias ? bias.data() : nullptr, y.data(), K, G, K, N);
+        });
+      for (auto& th : threads) th.join();
+    }
+  std::ofstream(dir + "/y.bin", std::ios::binary).write(reinterpret_cast<const char*>(y.data()), (std::streamsize)(y.size() * 2));
+  return 0;
+}
