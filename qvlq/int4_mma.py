@@ -20,7 +20,9 @@ Mma k is a permutation of the real input index inside a 64-input chunk: tile j (
 16t + 4j + e and k 2t+8+e to 16t + 4j + 2 + e, so lane quad t needs x[16t : 16t+16] of the chunk for all
 four tiles: two 16-byte loads, no shuffles. The layout (`pack`):
     qweight int32 [N/16, K/64, 32, 4]   tile T, chunk c, lane, word j (mma tile j): one 16-byte load per lane
-    meta    int32 [N/16, G, 8, 4]       per tile, group, g: s(row g) f32 bits, s(row g+8), -(M+z) pairs
+    meta    int32 [N/16, G, 8, 2]       per tile, group, g: fp16 scales of rows g | g+8 << 16, then the
+                                        16-bit -(magic value + z) of rows g | g+8 << 16: 4 bytes a row and
+                                        group (6% of the weight's bytes at group 128, as tinygemm's bf16 pair)
 A block owns `tiles` 16-row tiles; its `warps` warps split K in steps of 256 inputs (split-K inside the block,
 reduced through shared memory: no atomics, no second kernel); grid.y runs the rows of x. Each step loads
 all its weights and x before any math; the many warps per SM keep the memory system busy meanwhile.
@@ -74,10 +76,11 @@ SOURCE = r"""
 // No headers: NVRTC compiles this as is. u4 is one 16-byte load. The PTX sits in the four functions
 // below; tests build the kernel for the host with C++ versions of them (QVLQ_HOST, see host_harness).
 struct alignas(16) u4 { unsigned int x, y, z, w; };
+struct alignas(8) u2 { unsigned int x, y; };
 typedef unsigned long long u64;
 #ifndef QVLQ_HOST
-__device__ __forceinline__ float as_float(unsigned int u) {
-  float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(u)); return f;
+__device__ __forceinline__ float fp16_to_float(unsigned int h) {  // the low 16 bits
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h)); return f;
 }
 // (a & b) | c in one instruction: with two immediates the compiler emits two
 __device__ __forceinline__ unsigned int and_or(unsigned int a, unsigned int b, unsigned int c) {
@@ -101,7 +104,7 @@ __device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned in
 // One block: TN 16-row tiles of W (from blockIdx.x * TN) for one row of x (blockIdx.y). A step is 4
 // chunks (256 inputs); each of the WARPS warps takes a contiguous run of steps, shared memory sums them.
 extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
-    const u4* __restrict__ qw, const u4* __restrict__ meta, const unsigned short* __restrict__ x,
+    const u4* __restrict__ qw, const u2* __restrict__ meta, const unsigned short* __restrict__ x,
     const float* __restrict__ bias, unsigned short* __restrict__ y, int K, int G, int ldx, int ldy) {
   constexpr int GPS = CPG >= 4 ? 1 : 4 / CPG;  // groups met in one step
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -115,7 +118,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
 #pragma unroll
   for (int t = 0; t < TN; ++t) acc[t][0] = acc[t][1] = 0.f;
   for (int s = s0; s < s1; ++s) {
-    u4 wv[TN][4], xv[4][2], md[TN][GPS];  // all loads of the step first, then the math
+    u4 wv[TN][4], xv[4][2];  // all loads of the step first, then the math
+    u2 md[TN][GPS];
 #pragma unroll
     for (int t = 0; t < TN; ++t)
 #pragma unroll
@@ -131,7 +135,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
       float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const u4 mi = md[t][CPG >= 4 ? 0 : i / CPG];
+        const u2 mi = md[t][CPG >= 4 ? 0 : i / CPG];
+        const unsigned int z0 = (mi.y & 0xFFFFu) * 0x10001u, z1 = (mi.y >> 16) * 0x10001u;  // both halves
         const unsigned int w[4] = {wv[t][i].x, wv[t][i].y, wv[t][i].z, wv[t][i].w};
         const unsigned int b[8] = {xv[i][0].x, xv[i][0].y, xv[i][0].z, xv[i][0].w,
                                    xv[i][1].x, xv[i][1].y, xv[i][1].z, xv[i][1].w};
@@ -140,12 +145,12 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
           unsigned int a[4];
 #pragma unroll
           for (int p = 0; p < 4; ++p)  // magic + q, then + (-(magic + z)): q - z, exact
-            a[p] = fma2(and_or(w[j] >> (4 * p), mask, magic), one, (p & 1) ? mi.w : mi.z);
+            a[p] = fma2(and_or(w[j] >> (4 * p), mask, magic), one, (p & 1) ? z1 : z0);
           mma((j & 1) ? e : d, a, b[2 * j], b[2 * j + 1]);  // two accumulator sets: back-to-back mma do not wait
         }
         if ((CPG < 4 && i % CPG == CPG - 1) || i == 3) {  // end of a group, or of the step
-          acc[t][0] += as_float(mi.x) * (d[0] + e[0]);
-          acc[t][1] += as_float(mi.y) * (d[2] + e[2]);
+          acc[t][0] += fp16_to_float(mi.x) * (d[0] + e[0]);
+          acc[t][1] += fp16_to_float(mi.x >> 16) * (d[2] + e[2]);
 #pragma unroll
           for (int r = 0; r < 4; ++r) d[r] = e[r] = 0.f;
         }
@@ -174,7 +179,7 @@ class Packed(NamedTuple):
     """The kernel's copy of one linear layer (see the module docstring)."""
 
     qweight: Tensor  # int32 [N/16, K/64, 32, 4]
-    meta: Tensor  # int32 [N/16, G, 8, 4]
+    meta: Tensor  # int32 [N/16, G, 8, 2]
     group_size: int
     dtype: torch.dtype  # activation dtype the zero terms were built for (bf16 or fp16)
 
@@ -217,7 +222,8 @@ def _lane_map(device: torch.device) -> tuple[Tensor, Tensor]:
 
 def pack(codes: Tensor, zeros: Tensor, scales: Tensor, group_size: int, dtype: torch.dtype = torch.bfloat16) -> Packed:
     """codes uint8 [N, K] (inputs in group-contiguous order), zeros [G, N] (the real zero point), scales
-    [G, N] -> the kernel's layout, for activations of ``dtype`` (bf16 or fp16). Exact: scales become fp32."""
+    [G, N] (fp16 values, as the checkpoint stores them) -> the kernel's layout, for activations of ``dtype``
+    (bf16 or fp16). Exact."""
     n, k = codes.shape
     gs = k if group_size == -1 else group_size
     reason = check_shape(n, k, gs)
@@ -232,6 +238,9 @@ def pack(codes: Tensor, zeros: Tensor, scales: Tensor, group_size: int, dtype: t
         raise ValueError("codes must be 4-bit values in [0, 15]")
     if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 127):
         raise ValueError("zero points must lie in [0, 127] (magic value + zero must be exact in 16 bits)")
+    s16 = scales.to(torch.float16)
+    if not torch.equal(s16.float(), scales.float()):
+        raise ValueError("scales must be fp16 values (the GPTQ checkpoint stores fp16)")
     row, kk = _lane_map(codes.device)
     tiles = codes.to(torch.int32).view(n // 16, 16, k // CHUNK, CHUNK).permute(0, 2, 1, 3)  # [T, C, 16, 64]
     nib = tiles[:, :, row, kk]  # [T, C, 32 lanes, 4 words, 8 nibbles]
@@ -239,10 +248,13 @@ def pack(codes: Tensor, zeros: Tensor, scales: Tensor, group_size: int, dtype: t
     for p in range(8):  # int32 wraps: nibble 7 sets the sign bit
         words |= nib[..., p] << (4 * p)
     _, magic_value, _, _ = FORMATS[dtype]
-    neg = (-(magic_value + zeros.float())).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
-    neg = (neg | (neg << 16)).T.reshape(n // 16, 16, g).permute(0, 2, 1)  # [T, G, 16]: both halves
-    s = scales.float().T.reshape(n // 16, 16, g).permute(0, 2, 1).contiguous().view(torch.int32)
-    meta = torch.stack([s[..., :8], s[..., 8:], neg[..., :8], neg[..., 8:]], dim=-1)  # [T, G, 8, 4]
+
+    def rows16(v: Tensor) -> Tensor:  # [G, N] 16-bit values -> [T, G, 8] words: row g | row g+8 << 16
+        bits = (v.view(torch.int16).to(torch.int32) & 0xFFFF).T.reshape(n // 16, 16, g).permute(0, 2, 1)
+        return bits[..., :8] | (bits[..., 8:] << 16)  # int32 wraps: the high half may set the sign bit
+
+    neg = (-(magic_value + zeros.float())).to(dtype)
+    meta = torch.stack([rows16(s16), rows16(neg)], dim=-1)  # [T, G, 8, 2]
     return Packed(words.contiguous(), meta.contiguous(), gs, dtype)
 
 
@@ -256,12 +268,17 @@ def unpack(p: Packed) -> tuple[Tensor, Tensor, Tensor]:
     tiles = torch.zeros(t, c, 16, CHUNK, dtype=torch.int32, device=p.qweight.device)
     tiles[:, :, row, kk] = nib
     codes = tiles.permute(0, 2, 1, 3).reshape(n, k).to(torch.uint8)
-    s = p.meta[..., :2].contiguous().view(torch.float32)  # [T, G, 8, 2]: rows g, g + 8
-    scales = s.permute(0, 1, 3, 2).reshape(t, g, 16).permute(1, 0, 2).reshape(g, n)
-    neg = (p.meta[..., 2:] & 0xFFFF).to(torch.int16).view(p.dtype).float()  # -(magic value + z)
+    scales = _rows16(p.meta[..., 0], torch.float16).permute(1, 0, 2).reshape(g, n)
+    neg = _rows16(p.meta[..., 1], p.dtype)  # -(magic value + z)
     _, magic_value, _, _ = FORMATS[p.dtype]
-    zeros = (-neg - magic_value).permute(0, 1, 3, 2).reshape(t, g, 16).permute(1, 0, 2).reshape(g, n)
+    zeros = (-neg - magic_value).permute(1, 0, 2).reshape(g, n)
     return codes, zeros.round().to(torch.int32), scales
+
+
+def _rows16(words: Tensor, dtype: torch.dtype) -> Tensor:
+    """[T, G, 8] words of two 16-bit values (row g, row g+8) -> fp32 [T, G, 16] in row order."""
+    halves = torch.cat([words & 0xFFFF, (words >> 16) & 0xFFFF], dim=-1)
+    return halves.to(torch.int16).view(dtype).float()
 
 
 def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -297,8 +314,8 @@ def emulate(x: Tensor, p: Packed, bias: Tensor | None = None) -> Tensor:
     shifts = torch.arange(0, 16, 4, dtype=torch.int32)
     a = ((w >> shifts) & 0x000F000F) | magic  # [T, C, lane, j, reg]
     halves = torch.stack([a & 0xFFFF, (a >> 16) & 0xFFFF], -1).to(torch.int16).view(p.dtype).float()
-    neg = (p.meta[..., 2:] & 0xFFFF).to(torch.int16).view(p.dtype).float()  # [T, G, gid, 2]
-    neg = neg.repeat_interleave(cpg, dim=1)[:, :, gid]  # [T, C, lane, 2]: rows gid, gid + 8
+    neg = _rows16(p.meta[..., 1], p.dtype).view(t, g, 2, 8)  # [T, G, half (rows g | g+8), gid]
+    neg = neg.repeat_interleave(cpg, dim=1)[:, :, :, gid].transpose(2, 3)  # [T, C, lane, 2]: rows gid, gid + 8
     reg = torch.arange(4)
     vals = halves + neg[:, :, :, None, reg % 2, None]  # [T, C, lane, j, reg, half]: q - z, exact
     mat = torch.zeros(t, c, 4, 16, 16)  # A tile per (T, chunk, j): [row, mma k]
@@ -313,7 +330,7 @@ def emulate(x: Tensor, p: Packed, bias: Tensor | None = None) -> Tensor:
     xb = x.float().view(m, c, CHUNK)[:, :, real]  # [M, C, j, 16]
     part = torch.einsum("tcjrk,mcjk->mtcr", mat, xb)  # [M, T, C, 16]: each chunk's mma sums
     per_group = part.view(m, t, g, cpg, 16).sum(3)
-    s = p.meta[..., :2].contiguous().view(torch.float32).permute(0, 1, 3, 2).reshape(t, g, 16)
+    s = _rows16(p.meta[..., 0], torch.float16)  # [T, G, 16]
     y = (per_group * s).sum(2).reshape(m, t * 16)
     if bias is not None:
         y = y + bias.float()

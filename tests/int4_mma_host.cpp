@@ -28,7 +28,7 @@ thread_local Dim threadIdx, blockIdx;
 static std::barrier<>* block_barrier;
 static void __syncthreads() { block_barrier->arrive_and_wait(); }
 
-static float as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+static float as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }  // bf16 below
 static unsigned int and_or(unsigned int a, unsigned int b, unsigned int c) { return (a & b) | c; }
 #if QVLQ_BF16
 static float h2f(unsigned int h) { return as_float((h & 0xFFFFu) << 16); }
@@ -40,6 +40,7 @@ static unsigned short f2h(float f) {  // round to nearest even (finite values)
 static float h2f(unsigned int h) { unsigned short s = h & 0xFFFFu; _Float16 v; std::memcpy(&v, &s, 2); return (float)v; }
 static unsigned short f2h(float f) { _Float16 v = (_Float16)f; unsigned short s; std::memcpy(&s, &v, 2); return s; }
 #endif
+static float fp16_to_float(unsigned int h) { unsigned short s = h & 0xFFFFu; _Float16 v; std::memcpy(&v, &s, 2); return (float)v; }
 static unsigned int fma2(unsigned int a, unsigned int b, unsigned int c) {
   unsigned int lo = f2h(h2f(a) * h2f(b) + h2f(c)), hi = f2h(h2f(a >> 16) * h2f(b >> 16) + h2f(c >> 16));
   return lo | (hi << 16);
@@ -99,7 +100,7 @@ int main(int argc, char** argv) {
   const int N = std::atoi(argv[2]), K = std::atoi(argv[3]), G = std::atoi(argv[4]), M = std::atoi(argv[5]);
   const bool has_bias = std::atoi(argv[6]) != 0;
   auto qw = load<u4>(dir + "/qw.bin", (size_t)N / 16 * K / 64 * 32);
-  auto meta = load<u4>(dir + "/meta.bin", (size_t)N / 16 * G * 8);
+  auto meta = load<u2>(dir + "/meta.bin", (size_t)N / 16 * G * 8);
   auto x = load<unsigned short>(dir + "/x.bin", (size_t)M * K);
   std::vector<float> bias = has_bias ? load<float>(dir + "/bias.bin", N) : std::vector<float>();
   std::vector<unsigned short> y((size_t)M * N, 0xFFFF);
