@@ -345,12 +345,18 @@ def profile_cmd(
         str, typer.Option(help="FastEngine compile: auto, off (CUDA graph of the eager step), on, or a mode.")
     ] = "auto",
     kv_block: Annotated[int | None, typer.Option(help="FastEngine KV bucket size (default: whole cache).")] = None,
+    int4_kernel: Annotated[
+        str | None,
+        typer.Option(help="Int4 layers: fastest (time every usable CUDA kernel per shape, keep the fastest), "
+                     "int4_cuda, triton, mma, dequant or auto. Default: $QVLQ_INT4_BACKEND, else fastest."),
+    ] = None,  # fmt: skip
     seed: Annotated[int, typer.Option(help="Seed of the random weights and pixels.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Speed and memory of BF16 vs Int4 on the seed's protocol (one image + text, generate context-258 tokens)."""
     import time
 
+    from .int4 import env_backend
     from .profile import (
         ProfileSettings,
         check_out_dir,
@@ -372,6 +378,7 @@ def profile_cmd(
         int4_dtype=int4_dtype, max_seconds=max_seconds, windowed=parse_windowed(windowed),
         window_tokens=window_tokens, window_points=window_points, warmup_tokens=warmup_tokens,
         crosscheck_tokens=crosscheck_tokens, fast_compile=fast_compile, kv_block=kv_block, seed=seed,
+        int4_kernel=int4_kernel or env_backend() or "fastest",
     )  # fmt: skip
     settings.validate()
     path = check_out_dir(out_dir, device, overwrite)

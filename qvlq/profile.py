@@ -795,6 +795,7 @@ class ProfileSettings:
     warmup_tokens: int = 64  # 0 = a full-length warm-up run
     crosscheck_tokens: int = 32
     fast_compile: str = "auto"  # FastEngine compile: auto | off | a torch.compile mode
+    int4_kernel: str = "fastest"  # QuantLinear backend of the Int4 layers; fastest = timed per shape (CUDA)
     kv_block: int | None = None
     seed: int = 0
 
@@ -813,6 +814,10 @@ class ProfileSettings:
         bad = [p for p in self.precisions if p not in ("bf16", "int4")]
         if bad or not self.precisions:
             raise ProfileRefused(f"--precisions takes bf16 and/or int4, got {','.join(self.precisions) or 'nothing'}")
+        from .int4 import BACKENDS
+
+        if self.int4_kernel not in BACKENDS:
+            raise ProfileRefused(f"--int4-kernel must be one of {', '.join(BACKENDS)}, got {self.int4_kernel!r}")
         bad = [e for e in self.engines if e not in ("hf", "fast")]
         if bad or not self.engines:
             raise ProfileRefused(f"--engine takes hf, fast or both, got {','.join(self.engines) or 'nothing'}")
@@ -1367,7 +1372,8 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
             if v.precision == "int4":
                 log("packing Int4 (RTN 4-bit g128 sym, official v1 format) in place, one layer at a time")
                 try:
-                    quantize_model_rtn(model, dtype=torch.float16 if s.int4_dtype == "fp16" else torch.bfloat16)
+                    quantize_model_rtn(model, dtype=torch.float16 if s.int4_dtype == "fp16" else torch.bfloat16,
+                                       backend=s.int4_kernel)  # fmt: skip
                 except Exception as e:  # keep what was measured so far
                     build_error = prof._error(e)
                     log(f"int4 variant not built: {build_error}")
@@ -1380,7 +1386,9 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
             model = None
             free_memory(device)
             log(f"loading {v.source}")
-            model = QWenLMHeadModel.from_pretrained(v.source, device=device, dtype=s.dtype)
+            model = QWenLMHeadModel.from_pretrained(
+                v.source, device=device, dtype=s.dtype, int4_backend=s.int4_kernel, int4_lean=True
+            )
             disk = sum(f.stat().st_size for f in weight_files(Path(v.source)))
         info, acc = _model_info(model, v.precision, v.source, v.random_weights, time.monotonic() - t0, disk)
         prof.models.append(info)
@@ -1583,8 +1591,9 @@ def report_tables(report: ProfileReport) -> list[TableSpec]:
         ["NVML", e.nvml],
         ["bandwidth", f"{report.bandwidth_gbs:.0f} GB/s measured (device copy)"
          + (f"; nominal peak {report.nominal_peak_gbs:.0f} GB/s" if report.nominal_peak_gbs else "")],
-        ["int4 kernels", "; ".join(f"{m.precision}: {m.int4_backends}" for m in report.models if m.int4_backends)
-         or "-"],
+        ["int4 kernels", ("; ".join(f"{m.precision}: {m.int4_backends}" for m in report.models if m.int4_backends)
+                          + f" (requested: {s.get('int4_kernel', 'auto')})")
+         if any(m.int4_backends for m in report.models) else "-"],
         *([["int4 kernel choice", "; ".join(_selection_text(c) for m in report.models for c in m.int4_selection)]]
           if any(m.int4_selection for m in report.models) else []),
         ["fast engine compile", s.get("fast_compile", "auto") + (f", kv_block {s['kv_block']}" if s.get("kv_block")

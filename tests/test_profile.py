@@ -159,10 +159,22 @@ def test_cli_profile_json(tmp_path):
     data = json.loads(result.stdout)
     assert [c["status"] for c in data["speed"]] == ["ok"]
     assert data["models"][0]["precision"] == "int4" and data["settings"]["contexts"] == [292]
+    assert data["settings"]["int4_kernel"] == "fastest"  # the default: measured per shape (dequant on CPU)
+    assert set(data["models"][0]["int4_backends"]) == {"dequant"}
     assert (out / "report.md").is_file() and (out / "speed.png").is_file()
+    assert "(requested: fastest)" in (out / "report.md").read_text()
     # an existing report is not replaced without --overwrite
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
+
+
+def test_int4_kernel_option_is_validated_and_follows_the_environment(tmp_path, monkeypatch):
+    args = ["profile", "--random-weights", "tiny", "--device", "cpu", "--out", str(tmp_path / "x")]
+    bad = CliRunner().invoke(app, [*args, "--int4-kernel", "marlin"])
+    assert bad.exit_code == 2 and "--int4-kernel must be one of" in bad.output
+    monkeypatch.setenv("QVLQ_INT4_BACKEND", "bogus")
+    env = CliRunner().invoke(app, args)
+    assert env.exit_code != 0 and "QVLQ_INT4_BACKEND='bogus'" in env.output
 
 
 def test_contexts_shorter_than_the_image_prompt_are_refused():

@@ -155,6 +155,7 @@ def load_pretrained(cls: type, name_or_path: Any, **kwargs: Any) -> Any:
     dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
     device = resolve_device(kwargs.pop("device", None), kwargs.pop("device_map", None))
     backend = kwargs.pop("int4_backend", "auto")
+    lean = bool(kwargs.pop("int4_lean", False))  # QuantLinear.prepare(lean=): one copy of the weight on the device
     hub = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
     kwargs.pop("trust_remote_code", None)  # never honoured: nothing from the directory is executed
     model_dir = resolve_model_dir(name_or_path, **hub)
@@ -205,7 +206,7 @@ def load_pretrained(cls: type, name_or_path: Any, **kwargs: Any) -> Any:
 
         for m in model.modules():
             if isinstance(m, QuantLinear):
-                m.prepare(backend=backend)
+                m.prepare(backend=backend, lean=lean and device.type == "cuda")
     gen = model_dir / "generation_config.json"
     if gen.is_file():
         from transformers import GenerationConfig
