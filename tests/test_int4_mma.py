@@ -27,12 +27,14 @@ from qvlq.int4_triton import mismatch, rel_error
 HAS_CUDA = torch.cuda.is_available()
 
 
-def random_packed(n: int, k: int, gs: int, dtype: torch.dtype, seed: int = 0) -> tuple[M.Packed, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def random_packed(
+    n: int, k: int, gs: int, dtype: torch.dtype, seed: int = 0, device: str = "cpu"
+) -> tuple[M.Packed, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
     groups = k // (k if gs == -1 else gs)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    zeros = torch.randint(0, 17, (groups, n), generator=g)
-    scales = (torch.rand(groups, n, generator=g) * 0.02 + 1e-3).half()
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8, device=device)
+    zeros = torch.randint(0, 17, (groups, n), generator=g, device=device)
+    scales = (torch.rand(groups, n, generator=g, device=device) * 0.02 + 1e-3).half()
     return M.pack(codes, zeros, scales, gs, dtype), codes
 
 
@@ -252,8 +254,7 @@ gpu = pytest.mark.skipif(not HAS_CUDA or M.runtime_error() is not None, reason="
 def test_full_size_kernel_matches_reference(out_in):
     n, k = out_in
     for dtype in (torch.bfloat16, torch.float16):
-        p, _ = random_packed(n, k, 128, dtype, seed=4)
-        p = M.Packed(p.qweight.cuda(), p.meta.cuda(), p.group_size, dtype)
+        p, _ = random_packed(n, k, 128, dtype, seed=4, device="cuda")
         bias = torch.randn(n, device="cuda")
         for rows in (1, 3):
             x = torch.randn(rows, k, device="cuda").to(dtype)
