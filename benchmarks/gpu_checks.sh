@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one command, sized for one 8-minute device call on an H100/H200:
+#   0. qvlq.int4_mma's first contact: compile, launch, where each weight comes from (mma_diagnose.py, <= 60 s)
 #   1. CUDA tests of qvlq's int4 kernels (Triton, mma) and of chat's CUDA-graph engine (pytest -m gpu, <= 100 s)
 #   2. int4 GEMV per full-size shape: tinygemm vs both kernels            (benchmarks/int4_gemv.py, <= 90 s)
 #   3. the profile: fast engine compiled, BF16 + Int4, contexts 2048 and 8192 (benchmarks/profile_full.sh)
@@ -29,6 +30,10 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
 say "gpu_checks: start; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
+say "0. int4_mma layout probe"
+timeout -k 5 60 "$PY" benchmarks/mma_diagnose.py --out "$OUT/mma-diagnose.json" 2>&1 | tee -a "$LOG" | tail -n 30
+say "0. rc=$?"
+
 say "1. CUDA tests"
 timeout -k 5 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_int4_mma.py tests/test_int4_triton.py \
     tests/test_chat.py \

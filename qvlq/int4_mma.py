@@ -40,6 +40,7 @@ import glob
 import os
 import site
 import sys
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -335,6 +336,67 @@ def emulate(x: Tensor, p: Packed, bias: Tensor | None = None) -> Tensor:
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def layout_probe(
+    run: Callable[[Tensor, Packed], Tensor],
+    n: int = 32,
+    k: int = 512,
+    group_size: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    limit: int = 6,
+) -> list[str]:
+    """Where does a kernel take each weight's code, scale and zero from? ``run(x, p)`` must return x @ W for
+    the packed layer p (the CUDA kernel, the host build, `emulate`). x is the identity (K rows), so the output
+    is W itself; five packings make it spell out positions: codes = k % 16, (k // 16) % 16, (k // 256) % 16
+    (the input k' whose code was used), scales = row + 1 (the row whose scale was used), zeros = row % 16
+    (the row whose zero was used). Returns findings, [] when every weight is where it belongs: the first
+    thing to run when the kernel meets a GPU (benchmarks/mma_diagnose.py)."""
+    if n > 128 or k > 4096:
+        raise ValueError("layout_probe tells apart up to 128 rows and 4096 inputs")
+    g = k // (k if group_size == -1 else group_size)
+    kk = torch.arange(k, device=device)
+    rows = torch.arange(n, device=device)
+    ones = torch.ones(g, n, device=device)
+    x = torch.eye(k, device=device).to(dtype)
+
+    def apply(codes: Tensor, zeros: Tensor, scales: Tensor) -> Tensor:
+        y = run(x, pack(codes.to(torch.uint8), zeros, scales, group_size, dtype)).float()
+        if not bool(torch.isfinite(y).all()) or not torch.equal(y, y.round()):
+            raise _ProbeError("outputs are not the exact small integers the probe expects")
+        return y.T.long()  # [N, K]: the value the kernel produced for (row n, input k)
+
+    try:
+        digits = [apply(((kk // d) % 16).expand(n, k), 0 * ones, ones) for d in (1, 16, 256)]
+        used_k = digits[0] + 16 * digits[1] + 256 * digits[2]
+        used_s = apply(torch.ones(n, k, device=device), 0 * ones, (rows + 1.0).expand(g, n)) - 1
+        used_z = 15 - apply(torch.full((n, k), 15, device=device), (rows % 16).expand(g, n), ones)
+    except _ProbeError as e:
+        return [str(e)]
+    findings = []
+    lane_row, lane_k = _lane_map(torch.device("cpu"))
+
+    def where(row: int, inp: int) -> str:  # lane, word and nibble that hold (row, input) in pack's layout
+        hit = ((lane_row == row % 16) & (lane_k == inp % CHUNK)).nonzero()[0].tolist()
+        return f"lane {hit[0]} word {hit[1]} nibble {hit[2]}"
+
+    for what, got, want in (
+        ("code of input", used_k, kk.expand(n, k)),
+        ("scale of row", used_s, rows[:, None].expand(n, k)),
+        ("zero of row", used_z, (rows % 16)[:, None].expand(n, k)),
+    ):
+        bad = (got != want).nonzero().tolist()
+        if bad:
+            findings.append(f"{len(bad)} of {n * k} weights use the wrong {what.split()[0]}")
+            for r, i in bad[:limit]:
+                extra = f" ({where(r, i)} -> {where(r, int(got[r, i]))})" if what == "code of input" else ""
+                findings.append(f"  row {r} input {i}: {what} {int(got[r, i])} instead of {int(want[r, i])}{extra}")
+    return findings
+
+
+class _ProbeError(Exception):
+    pass
 
 
 # ------------------------------------------------------------------------------------------ runtime

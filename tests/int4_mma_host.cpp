@@ -49,38 +49,41 @@ static unsigned short to_half(float v) { return f2h(v); }
 
 struct Warp {
   std::barrier<>* bar;
-  unsigned int a[32][4], b[32][2];
-  float c[32][4];
+  unsigned int a[2][32][4], b[2][32][2];
+  float c[2][32][4];
 };
 static Warp* warps;
 
 static void mma(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
   const int lane = threadIdx.x & 31;
   Warp& w = warps[threadIdx.x >> 5];
-  std::memcpy(w.a[lane], a, 16);
-  w.b[lane][0] = b0;
-  w.b[lane][1] = b1;
-  std::memcpy(w.c[lane], d, 16);
+  thread_local int calls = 0;
+  // two exchange buffers by call parity (every lane of a warp makes the same calls): a lane may deposit
+  // the next mma while others still read this one, and cannot pass the next barrier before they are done
+  const int q = calls++ & 1;
+  std::memcpy(w.a[q][lane], a, 16);
+  w.b[q][lane][0] = b0;
+  w.b[q][lane][1] = b1;
+  std::memcpy(w.c[q][lane], d, 16);
   w.bar->arrive_and_wait();
   if (lane == 0) {
     float A[16][16], B[16][8], D[16][8];
     for (int l = 0; l < 32; ++l) {
       const int g = l >> 2, t = l & 3;
       for (int r = 0; r < 4; ++r)
-        for (int h = 0; h < 2; ++h) A[g + 8 * (r & 1)][2 * t + 8 * (r >> 1) + h] = h2f(w.a[l][r] >> (16 * h));
+        for (int h = 0; h < 2; ++h) A[g + 8 * (r & 1)][2 * t + 8 * (r >> 1) + h] = h2f(w.a[q][l][r] >> (16 * h));
       for (int r = 0; r < 2; ++r)
-        for (int h = 0; h < 2; ++h) B[2 * t + 8 * r + h][g] = h2f(w.b[l][r] >> (16 * h));
-      for (int i = 0; i < 4; ++i) D[g + 8 * (i >> 1)][2 * t + (i & 1)] = w.c[l][i];
+        for (int h = 0; h < 2; ++h) B[2 * t + 8 * r + h][g] = h2f(w.b[q][l][r] >> (16 * h));
+      for (int i = 0; i < 4; ++i) D[g + 8 * (i >> 1)][2 * t + (i & 1)] = w.c[q][l][i];
     }
     for (int r = 0; r < 16; ++r)
       for (int n = 0; n < 8; ++n)
         for (int k = 0; k < 16; ++k) D[r][n] += A[r][k] * B[k][n];
     for (int l = 0; l < 32; ++l)
-      for (int i = 0; i < 4; ++i) w.c[l][i] = D[(l >> 2) + 8 * (i >> 1)][2 * (l & 3) + (i & 1)];
+      for (int i = 0; i < 4; ++i) w.c[q][l][i] = D[(l >> 2) + 8 * (i >> 1)][2 * (l & 3) + (i & 1)];
   }
   w.bar->arrive_and_wait();
-  std::memcpy(d, w.c[lane], 16);
-  w.bar->arrive_and_wait();  // everyone has read before the next mma writes
+  std::memcpy(d, w.c[q][lane], 16);
 }
 
 #include "kernel.cu"
@@ -108,18 +111,20 @@ int main(int argc, char** argv) {
   for (auto& w : ws) w.bar = new std::barrier<>(32);
   warps = ws.data();
   block_barrier = new std::barrier<>(WARPS * 32);
-  for (int by = 0; by < M; ++by)
-    for (int bx = 0; bx < N / 16 / TN; ++bx) {
-      std::vector<std::thread> threads;
-      for (int t = 0; t < WARPS * 32; ++t)
-        threads.emplace_back([&, t, bx, by] {
-          threadIdx.x = t;
+  // one std::thread per CUDA thread of a block; the blocks run one after another on the same threads
+  std::vector<std::thread> threads;
+  for (int t = 0; t < WARPS * 32; ++t)
+    threads.emplace_back([&, t] {
+      threadIdx.x = t;
+      for (int by = 0; by < M; ++by)
+        for (int bx = 0; bx < N / 16 / TN; ++bx) {
           blockIdx.x = bx;
           blockIdx.y = by;
           qvlq_int4_mma(qw.data(), meta.data(), x.data(), has_bias ? bias.data() : nullptr, y.data(), K, G, K, N);
-        });
-      for (auto& th : threads) th.join();
-    }
+          block_barrier->arrive_and_wait();  // the block is done with its __shared__ before the next starts
+        }
+    });
+  for (auto& th : threads) th.join();
   std::ofstream(dir + "/y.bin", std::ios::binary).write(reinterpret_cast<const char*>(y.data()), (std::streamsize)(y.size() * 2));
   return 0;
 }

@@ -12,6 +12,7 @@ Levels:
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -164,12 +165,14 @@ HARNESS = Path(__file__).with_name("int4_mma_host.cpp")
 def host_kernel(tmp_path: Path, p: M.Packed, x: torch.Tensor, bias: torch.Tensor | None, cfg: M.Config,
                 source: str = M.SOURCE) -> torch.Tensor:  # fmt: skip
     """Run the CUDA source's kernel on the host (tests/int4_mma_host.cpp): y [M, N] in x's dtype."""
-    (tmp_path / "kernel.cu").write_text(source)
-    exe = tmp_path / "kernel"
-    cmd = ["g++", "-std=c++20", "-O1", "-pthread", f"-I{tmp_path}", f"-DQVLQ_BF16={int(p.dtype == torch.bfloat16)}"]
-    cmd += [f"-D{k}={v}" for k, v in M.defines(p.dtype, p.group_size, cfg).items()] + [str(HARNESS), "-o", str(exe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    defs = [f"-DQVLQ_BF16={int(p.dtype == torch.bfloat16)}"]
+    defs += [f"-D{k}={v}" for k, v in M.defines(p.dtype, p.group_size, cfg).items()]
+    exe = tmp_path / f"kernel-{hashlib.sha1((source + repr(defs)).encode()).hexdigest()[:12]}"
+    if not exe.exists():  # one build per source and specialisation
+        (tmp_path / "kernel.cu").write_text(source)
+        cmd = ["g++", "-std=c++20", "-O1", "-pthread", f"-I{tmp_path}", *defs, str(HARNESS), "-o", str(exe)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     p.qweight.numpy().tofile(tmp_path / "qw.bin")
     p.meta.numpy().tofile(tmp_path / "meta.bin")
     x.contiguous().view(torch.int16).numpy().tofile(tmp_path / "x.bin")
@@ -212,6 +215,33 @@ def test_host_build_notices_a_kernel_bug(tmp_path):
     assert bug != M.SOURCE
     y = host_kernel(tmp_path, p, x, None, M.DEFAULT_CONFIG, source=bug)
     assert mismatch(y, M.reference(x.float(), p)) is not None
+
+
+def test_layout_probe_is_clean_for_the_model_and_names_misplaced_weights():
+    assert M.layout_probe(lambda x, p: M.emulate(x, p)) == []
+    assert M.layout_probe(lambda x, p: M.emulate(x, p), 16, 256, 64, torch.float16) == []
+
+    def swapped_words(x, p):
+        q = p.qweight.clone()
+        q[..., [0, 1]] = q[..., [1, 0]]
+        return M.emulate(x, p._replace(qweight=q))
+
+    findings = M.layout_probe(swapped_words)
+    assert findings[0] == "8192 of 16384 weights use the wrong code"
+    want = "  row 0 input 0: code of input 4 instead of 0 (lane 0 word 0 nibble 0 -> lane 0 word 1 nibble 0)"
+    assert want in findings
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
+def test_layout_probe_on_the_host_build(tmp_path):
+    """The probe as benchmarks/mma_diagnose.py runs it on a GPU, here on the host build of the CUDA source."""
+    cfg = M.Config(4, 1)
+    assert M.layout_probe(lambda x, p: host_kernel(tmp_path, p, x, None, cfg), 16, 256) == []
+    bug = M.SOURCE.replace("(p & 1) ? z1 : z0", "(p & 1) ? z0 : z1")
+    assert bug != M.SOURCE
+    findings = M.layout_probe(lambda x, p: host_kernel(tmp_path, p, x, None, cfg, source=bug), 16, 256)
+    assert findings and findings[0] == "4096 of 4096 weights use the wrong zero", findings  # rows g <-> g+8
+    assert findings[1] == "  row 0 input 0: zero of row 8 instead of 0"
 
 
 def _nvrtc_error() -> str | None:
