@@ -4,7 +4,9 @@ Why: at one row a linear layer is a pure weight stream (0.5 byte per weight). ti
 the copy bandwidth there and qvlq's Triton kernel less (reports/int4/): both spend several integer and
 float instructions per weight. Here the dequantization costs ~1.4 instructions per weight and the
 multiply-add none: the weight tile is operand A of `mma.m16n8k16` (16 outputs x 16 inputs), x is
-operand B (its one column repeated in all 8), the tensor core accumulates in fp32.
+operand B (its one column repeated in all 8), the tensor core accumulates in fp32 (sm_90 SASS of the main
+loop: ~1.8 instructions per weight in all, no spills). Status: written and verified without a GPU (see the
+last paragraph); its speed is unmeasured until benchmarks/gpu_checks.sh runs on one.
 
 Per packed int32 word (8 codes) a lane builds its four A registers (two 16-bit values each) as
     a_p = ((w >> 4p) & 0x000F000F) | MAGIC        p = 0..3: low half = code p, high half = code p + 4
@@ -29,7 +31,9 @@ all its weights and x before any math; the many warps per SM keep the memory sys
 
 Needs: CUDA compute capability 8.0+, libnvrtc (PyTorch's CUDA wheels depend on it) and the driver's
 libcuda. Nothing is compiled until a kernel is launched; on the CPU the custom op runs `emulate`, a
-lane-by-lane model of the kernel that the tests check against the dense reference.
+lane-by-lane model of the kernel that the tests check against the dense reference. The tests also build
+SOURCE itself for the host (tests/int4_mma_host.cpp: the PTX helpers in C++, one thread per CUDA thread)
+and compile it with nvcc and NVRTC; `layout_probe` names any misplaced weight when it first meets a GPU.
 """
 
 from __future__ import annotations
