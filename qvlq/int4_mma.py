@@ -13,7 +13,8 @@ Per packed int32 word (8 codes) a lane builds its four A registers (two 16-bit v
     a_p = a_p * 1 + (-(MAGIC_VALUE + z))          one fma.rn.{bf16,f16}x2: q - z, exact
 where MAGIC puts the code in the low mantissa bits (bf16 0x4300 = 128: 128 + q; fp16 0x6400 = 1024).
 Per group the two fp32 partial sums (rows g and g+8 of the tile) are scaled by s in fp32, so the
-result is sum_g s_g * sum_k (q - z) x: the reference's math up to fp32 summation order.
+result is sum_g s_g * sum_k (q - z) x: the reference's math up to the order (and the tensor core's not
+quite IEEE rounding) of the fp32 sums.
 
 Fragment layout of mma.m16n8k16 (PTX ISA; g = lane / 4, t = lane % 4):
     A regs 0..3: (row g, k 2t..2t+1), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, k 2t+8..)
@@ -26,8 +27,8 @@ four tiles: two 16-byte loads, no shuffles. The layout (`pack`):
                                         16-bit -(magic value + z) of rows g | g+8 << 16: 4 bytes a row and
                                         group (6% of the weight's bytes at group 128, as tinygemm's bf16 pair)
 A block owns `tiles` 16-row tiles; its `warps` warps split K in steps of 256 inputs (split-K inside the block,
-reduced through shared memory: no atomics, no second kernel); grid.y runs the rows of x. Each step loads
-all its weights and x before any math; the many warps per SM keep the memory system busy meanwhile.
+reduced through shared memory: no atomics, no second kernel); grid.y runs the rows of x. Latency is hidden
+by resident warps (see the note in SOURCE).
 
 Needs: CUDA compute capability 8.0+, libnvrtc (PyTorch's CUDA wheels depend on it) and the driver's
 libcuda. Nothing is compiled until a kernel is launched; on the CPU the custom op runs `emulate`, a
@@ -59,6 +60,7 @@ FORMATS = {
     torch.float16: (0x64006400, 1024.0, "f16", 0x3C003C00),
 }
 STEP = 256  # inputs per loop step of a warp (4 chunks)
+MAX_GRID_Y = 65535  # rows of x per launch
 
 
 class Config(NamedTuple):
@@ -108,6 +110,10 @@ __device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned in
 
 // One block: TN 16-row tiles of W (from blockIdx.x * TN) for one row of x (blockIdx.y). A step is 4
 // chunks (256 inputs); each of the WARPS warps takes a contiguous run of steps, shared memory sums them.
+// Each step's loads are written before its math, but ptxas places some of them after the first mma (and
+// sinks a register double buffer's loads to the end of the loop), so a warp waits a few round trips per
+// step: the other resident warps (56 registers a thread at group 128) are what hides that latency. A
+// cp.async pipeline through shared memory would not depend on occupancy: the next step if it is short.
 extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     const u4* __restrict__ qw, const u2* __restrict__ meta, const unsigned short* __restrict__ x,
     const float* __restrict__ bias, unsigned short* __restrict__ y, int K, int G, int ldx, int ldy) {
@@ -122,9 +128,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   float acc[TN][2];
 #pragma unroll
   for (int t = 0; t < TN; ++t) acc[t][0] = acc[t][1] = 0.f;
-  for (int s = s0; s < s1; ++s) {
-    u4 wv[TN][4], xv[4][2];  // all loads of the step first, then the math
-    u2 md[TN][GPS];
+  auto load = [&](int s, u4 (&wv)[TN][4], u4 (&xv)[4][2], u2 (&md)[TN][GPS]) {  // one step's operands
 #pragma unroll
     for (int t = 0; t < TN; ++t)
 #pragma unroll
@@ -135,6 +139,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     for (int t = 0; t < TN; ++t)
 #pragma unroll
       for (int q = 0; q < GPS; ++q) md[t][q] = meta[((u64)(tile0 + t) * G + s * 4 / CPG + q) * 8 + gid];
+  };
+  for (int s = s0; s < s1; ++s) {
+    u4 wv[TN][4], xv[4][2];
+    u2 md[TN][GPS];
+    load(s, wv, xv, md);
 #pragma unroll
     for (int t = 0; t < TN; ++t) {
       float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
@@ -414,7 +423,10 @@ def _candidates() -> list[str]:
         if home:
             found += sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")), reverse=True)
     found = [f for f in found if "builtins" not in os.path.basename(f)]
-    return found + ["libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"]
+    # several CUDA majors installed (cu12 and cu13 wheels): the one PyTorch was built with first
+    major = (torch.version.cuda or "").split(".")[0]
+    found.sort(key=lambda f: not (major and f".so.{major}" in os.path.basename(f)))
+    return found + ["libnvrtc.so", f"libnvrtc.so.{major or 13}", "libnvrtc.so.13", "libnvrtc.so.12"]
 
 
 @functools.cache
@@ -536,25 +548,33 @@ def launch(
         raise ValueError(f"x is {x.dtype}, the weight was packed for {p.dtype} activations")
     if p.out_features % (16 * cfg.tiles):
         raise ValueError(f"config {cfg.name}: out_features {p.out_features} is not a multiple of {16 * cfg.tiles}")
+    for t in (p.qweight, p.meta):  # pack() output always passes; anything else is read with 16/8-byte loads
+        if not t.is_contiguous() or t.data_ptr() % 16 or t.device != x.device:
+            raise ValueError("packed weight must be contiguous, 16-byte aligned and on x's device")
+    if bias is not None and bias.numel() != p.out_features:
+        raise ValueError(f"bias has {bias.numel()} values, the layer {p.out_features} outputs")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows are read with 16-byte loads
         x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
     y = torch.empty(m, p.out_features, dtype=x.dtype, device=x.device) if out is None else out
-    fn = _function(x.device.index if x.device.index is not None else torch.cuda.current_device(), p.dtype,
-                   p.group_size, cfg)  # fmt: skip
+    if m == 0:
+        return y
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    fn = _function(index, p.dtype, p.group_size, cfg)
     b = None if bias is None else bias.float().contiguous()
-    args = [
-        ctypes.c_void_p(p.qweight.data_ptr()), ctypes.c_void_p(p.meta.data_ptr()), ctypes.c_void_p(x.data_ptr()),
-        ctypes.c_void_p(b.data_ptr() if b is not None else 0), ctypes.c_void_p(y.data_ptr()),
-        ctypes.c_int(k), ctypes.c_int(p.meta.shape[1]), ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)),
-    ]  # fmt: skip
-    params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
-    stream = ctypes.c_void_p(torch.cuda.current_stream(x.device).cuda_stream)
-    _check_cu(
-        _cuda().cuLaunchKernel(
-            fn, p.out_features // (16 * cfg.tiles), m, 1, cfg.warps * 32, 1, 1, 0, stream, params, None
-        ),
-        "cuLaunchKernel",
-    )
+    with torch.cuda.device(index):  # the launch uses the thread's current context: the one the module is in
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        for r0 in range(0, m, MAX_GRID_Y):  # grid.y is at most 65535 rows
+            rows = min(MAX_GRID_Y, m - r0)
+            args = [
+                ctypes.c_void_p(p.qweight.data_ptr()), ctypes.c_void_p(p.meta.data_ptr()),
+                ctypes.c_void_p(x[r0].data_ptr()), ctypes.c_void_p(b.data_ptr() if b is not None else 0),
+                ctypes.c_void_p(y[r0].data_ptr()), ctypes.c_int(k), ctypes.c_int(p.meta.shape[1]),
+                ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)),
+            ]  # fmt: skip
+            params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])  # ~5x cheaper than cast
+            grid_x = p.out_features // (16 * cfg.tiles)
+            rc = _cuda().cuLaunchKernel(fn, grid_x, rows, 1, cfg.warps * 32, 1, 1, 0, stream, params, None)
+            _check_cu(rc, "cuLaunchKernel")
     return y
 
 
@@ -579,7 +599,7 @@ def gemv(x: Tensor, p: Packed, bias: Tensor | None = None, cfg: Config = DEFAULT
     """y [M, N] = x [M, K] @ W (+ bias, added in fp32), in x's dtype: the kernel on CUDA, `emulate` on CPU."""
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype}, the weight was packed for {p.dtype} activations")
-    return torch.ops.qvlq.int4_mma_gemv(x.contiguous(), p.qweight, p.meta, bias, p.group_size, cfg.warps, cfg.tiles)
+    return torch.ops.qvlq.int4_mma_gemv(x.contiguous(), p.qweight, p.meta, bias, p.group_size, *cfg)
 
 
 # ------------------------------------------------------------------------------------------ tuning

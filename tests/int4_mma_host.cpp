@@ -6,7 +6,8 @@
 // assumed here (and in int4_mma.emulate) is the hardware's; the GPU tests check that.
 //
 // Build: g++ -std=c++20 -O1 -pthread -I<dir with kernel.cu> -DQVLQ_BF16=0|1 <int4_mma.defines as -D> this.cpp
-// Run:   ./a.out <dir> N K G M has_bias   (reads qw.bin meta.bin x.bin [bias.bin], writes y.bin)
+// Run:   ./a.out <dir> N K G M has_bias [ldx]   (reads qw.bin meta.bin x.bin [bias.bin], writes y.bin;
+//        x.bin holds M rows of ldx values, default K)
 #include <barrier>
 #include <cstdio>
 #include <cstdlib>
@@ -98,13 +99,14 @@ static std::vector<T> load(const std::string& path, size_t n) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 7) { std::fprintf(stderr, "usage: %s dir N K G M has_bias\n", argv[0]); return 2; }
+  if (argc != 7 && argc != 8) { std::fprintf(stderr, "usage: %s dir N K G M has_bias [ldx]\n", argv[0]); return 2; }
   const std::string dir = argv[1];
   const int N = std::atoi(argv[2]), K = std::atoi(argv[3]), G = std::atoi(argv[4]), M = std::atoi(argv[5]);
   const bool has_bias = std::atoi(argv[6]) != 0;
+  const int ldx = argc == 8 ? std::atoi(argv[7]) : K;
   auto qw = load<u4>(dir + "/qw.bin", (size_t)N / 16 * K / 64 * 32);
   auto meta = load<u2>(dir + "/meta.bin", (size_t)N / 16 * G * 8);
-  auto x = load<unsigned short>(dir + "/x.bin", (size_t)M * K);
+  auto x = load<unsigned short>(dir + "/x.bin", (size_t)M * ldx);
   std::vector<float> bias = has_bias ? load<float>(dir + "/bias.bin", N) : std::vector<float>();
   std::vector<unsigned short> y((size_t)M * N, 0xFFFF);
   std::vector<Warp> ws(WARPS);
@@ -120,7 +122,7 @@ int main(int argc, char** argv) {
         for (int bx = 0; bx < N / 16 / TN; ++bx) {
           blockIdx.x = bx;
           blockIdx.y = by;
-          qvlq_int4_mma(qw.data(), meta.data(), x.data(), has_bias ? bias.data() : nullptr, y.data(), K, G, K, N);
+          qvlq_int4_mma(qw.data(), meta.data(), x.data(), has_bias ? bias.data() : nullptr, y.data(), K, G, ldx, N);
           block_barrier->arrive_and_wait();  // the block is done with its __shared__ before the next starts
         }
     });

@@ -106,6 +106,21 @@ def test_shape_and_value_checks():
         M.gemv(torch.randn(1, 256).half(), p)
 
 
+def test_launch_checks_its_inputs_before_any_cuda_call():
+    p, _ = random_packed(32, 256, 128, torch.bfloat16)
+    empty = M.launch(torch.empty(0, 256, dtype=torch.bfloat16), p, None)
+    assert empty.shape == (0, 32)
+    x = torch.randn(1, 256).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="bias has 16 values"):
+        M.launch(x, p, torch.zeros(16), M.DEFAULT_CONFIG)
+    strided = torch.zeros(*p.qweight.shape[:-1], 8, dtype=torch.int32)[..., ::2]
+    strided.copy_(p.qweight)
+    with pytest.raises(ValueError, match="contiguous"):
+        M.launch(x, p._replace(qweight=strided), None)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        M.launch(x, random_packed(16, 256, 128, torch.bfloat16)[0], None, M.Config(4, 2))
+
+
 def test_custom_op_under_compile_matches_emulation():
     p, _ = random_packed(32, 512, 128, torch.bfloat16)
     x = torch.randn(2, 512).to(torch.bfloat16)
@@ -163,8 +178,9 @@ HARNESS = Path(__file__).with_name("int4_mma_host.cpp")
 
 
 def host_kernel(tmp_path: Path, p: M.Packed, x: torch.Tensor, bias: torch.Tensor | None, cfg: M.Config,
-                source: str = M.SOURCE) -> torch.Tensor:  # fmt: skip
-    """Run the CUDA source's kernel on the host (tests/int4_mma_host.cpp): y [M, N] in x's dtype."""
+                source: str = M.SOURCE, pad: int = 0) -> torch.Tensor:  # fmt: skip
+    """Run the CUDA source's kernel on the host (tests/int4_mma_host.cpp): y [M, N] in x's dtype. pad: extra
+    NaN values after each row of x (a row stride ldx > K, as a view of a wider tensor has)."""
     defs = [f"-DQVLQ_BF16={int(p.dtype == torch.bfloat16)}"]
     defs += [f"-D{k}={v}" for k, v in M.defines(p.dtype, p.group_size, cfg).items()]
     exe = tmp_path / f"kernel-{hashlib.sha1((source + repr(defs)).encode()).hexdigest()[:12]}"
@@ -175,34 +191,35 @@ def host_kernel(tmp_path: Path, p: M.Packed, x: torch.Tensor, bias: torch.Tensor
         assert proc.returncode == 0, proc.stderr[-3000:]
     p.qweight.numpy().tofile(tmp_path / "qw.bin")
     p.meta.numpy().tofile(tmp_path / "meta.bin")
-    x.contiguous().view(torch.int16).numpy().tofile(tmp_path / "x.bin")
+    xp = torch.cat([x, torch.full((x.shape[0], pad), float("nan"), dtype=x.dtype)], dim=1)
+    xp.contiguous().view(torch.int16).numpy().tofile(tmp_path / "x.bin")
     if bias is not None:
         bias.float().numpy().tofile(tmp_path / "bias.bin")
     n, k, g, m = p.out_features, p.in_features, p.meta.shape[1], x.shape[0]
-    args = [str(exe), str(tmp_path), str(n), str(k), str(g), str(m), str(int(bias is not None))]
+    args = [str(exe), str(tmp_path), str(n), str(k), str(g), str(m), str(int(bias is not None)), str(k + pad)]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     y = torch.from_numpy(np.fromfile(tmp_path / "y.bin", dtype=np.int16))
     return y.view(p.dtype).reshape(m, n)
 
 
-HOST_CASES = [  # (dtype, N, K, group, config, rows, bias): warps without steps, groups across steps, TN 2
-    (torch.bfloat16, 32, 768, 128, M.Config(8, 1), 2, True),
-    (torch.float16, 64, 512, 64, M.Config(4, 2), 1, False),
-    (torch.bfloat16, 16, 1024, 512, M.Config(16, 1), 1, True),
-    (torch.bfloat16, 32, 512, -1, M.Config(4, 1), 1, False),
-    (torch.float16, 32, 1024, 256, M.Config(8, 2), 3, True),
+HOST_CASES = [  # (dtype, N, K, group, config, rows, bias, pad): warps without steps, groups across steps, TN 2
+    (torch.bfloat16, 32, 768, 128, M.Config(8, 1), 2, True, 0),
+    (torch.float16, 64, 512, 64, M.Config(4, 2), 1, False, 0),
+    (torch.bfloat16, 16, 1024, 512, M.Config(16, 1), 1, True, 0),
+    (torch.bfloat16, 32, 512, -1, M.Config(4, 1), 1, False, 0),
+    (torch.float16, 32, 1024, 256, M.Config(8, 2), 3, True, 8),
 ]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
 @pytest.mark.parametrize("case", HOST_CASES, ids=lambda c: f"{str(c[0])[6:]}-{c[1]}x{c[2]}-g{c[3]}-{c[4].name}-m{c[5]}")
 def test_cuda_source_on_the_host_matches_reference(tmp_path, case):
-    dtype, n, k, gs, cfg, rows, with_bias = case
+    dtype, n, k, gs, cfg, rows, with_bias, pad = case
     p, _ = random_packed(n, k, gs, dtype, seed=n + k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(5)).to(dtype)
     bias = torch.randn(n) if with_bias else None
-    y = host_kernel(tmp_path, p, x, bias, cfg)
+    y = host_kernel(tmp_path, p, x, bias, cfg, pad=pad)
     assert mismatch(y, M.reference(x.float(), p, bias)) is None
     assert torch.equal(y, M.emulate(x, p, bias)) or mismatch(y, M.emulate(x, p, bias).float()) is None
 
