@@ -27,8 +27,9 @@ four tiles: two 16-byte loads, no shuffles. The layout (`pack`):
                                         16-bit -(magic value + z) of rows g | g+8 << 16: 4 bytes a row and
                                         group (6% of the weight's bytes at group 128, as tinygemm's bf16 pair)
 A block owns `tiles` 16-row tiles; its `warps` warps split K in steps of 256 inputs (split-K inside the block,
-reduced through shared memory: no atomics, no second kernel); grid.y runs the rows of x. Latency is hidden
-by resident warps (see the note in SOURCE).
+reduced through shared memory: no atomics, no second kernel); grid.y runs the rows of x. A GEMV here lasts
+2-15 us, about one DRAM round trip per warp step, so every load of a step is issued before its first mma
+(see FENCE in SOURCE).
 
 Needs: CUDA compute capability 8.0+, libnvrtc (PyTorch's CUDA wheels depend on it) and the driver's
 libcuda. Nothing is compiled until a kernel is launched; on the CPU the custom op runs `emulate`, a
@@ -65,17 +66,18 @@ MAX_GRID_Y = 65535  # rows of x per launch
 
 class Config(NamedTuple):
     """warps: warps per block, each taking a share of the K steps; tiles: 16-row tiles per block (a lane's x
-    loads serve all of them)."""
+    loads serve all of them); fence: all loads of a step issued before its first mma (see SOURCE)."""
 
     warps: int
     tiles: int
+    fence: int = 1
 
     @property
     def name(self) -> str:
-        return f"w{self.warps}t{self.tiles}"
+        return f"w{self.warps}t{self.tiles}" + ("" if self.fence else "-nofence")
 
 
-CONFIGS = (Config(4, 1), Config(8, 1), Config(16, 1), Config(4, 2), Config(8, 2))  # what `tune` times
+CONFIGS = tuple(Config(w, t, f) for f in (1, 0) for w, t in ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2)))
 DEFAULT_CONFIG = Config(8, 1)
 ENV_NVRTC = "QVLQ_NVRTC"  # path of libnvrtc.so, when it is not found on its own
 
@@ -110,13 +112,14 @@ __device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned in
 
 // One block: TN 16-row tiles of W (from blockIdx.x * TN) for one row of x (blockIdx.y). A step is 4
 // chunks (256 inputs); each of the WARPS warps takes a contiguous run of steps, shared memory sums them.
-// Each step's loads are written before its math, but ptxas places some of them after the first mma (and
-// sinks a register double buffer's loads to the end of the loop), so a warp waits a few round trips per
-// step: the other resident warps (56 registers a thread at group 128) are what hides that latency. A
-// cp.async pipeline through shared memory would not depend on occupancy: the next step if it is short.
+// A warp has 1-3 steps at full size, so the loads of a step must all be in flight together. Left alone,
+// ptxas places some of them after the first mma (a round trip each). FENCE: `zero` (always 0, unknown to
+// the compiler) makes the first mma depend on every load of the step, so all are issued before it (more
+// registers: 80 vs 56 a thread at group 128, so fewer resident warps; the tuner decides).
 extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     const u4* __restrict__ qw, const u2* __restrict__ meta, const unsigned short* __restrict__ x,
-    const float* __restrict__ bias, unsigned short* __restrict__ y, int K, int G, int ldx, int ldy) {
+    const float* __restrict__ bias, unsigned short* __restrict__ y, int K, int G, int ldx, int ldy,
+    unsigned int zero) {
   constexpr int GPS = CPG >= 4 ? 1 : 4 / CPG;  // groups met in one step
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tq = lane & 3;
@@ -144,6 +147,19 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     u4 wv[TN][4], xv[4][2];
     u2 md[TN][GPS];
     load(s, wv, xv, md);
+#if FENCE
+    unsigned int all = 0;
+#pragma unroll
+    for (int t = 0; t < TN; ++t) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) all ^= wv[t][i].x;
+#pragma unroll
+      for (int q = 0; q < GPS; ++q) all ^= md[t][q].x;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) all ^= xv[i][0].x ^ xv[i][1].x;
+    xv[0][0].x |= all & zero;
+#endif
 #pragma unroll
     for (int t = 0; t < TN; ++t) {
       float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
@@ -474,6 +490,7 @@ def defines(dtype: torch.dtype, group_size: int, cfg: Config) -> dict[str, str]:
         "CPG": str(group_size // CHUNK),
         "WARPS": str(cfg.warps),
         "TN": str(cfg.tiles),
+        "FENCE": str(cfg.fence),
     }
 
 
@@ -569,7 +586,7 @@ def launch(
                 ctypes.c_void_p(p.qweight.data_ptr()), ctypes.c_void_p(p.meta.data_ptr()),
                 ctypes.c_void_p(x[r0].data_ptr()), ctypes.c_void_p(b.data_ptr() if b is not None else 0),
                 ctypes.c_void_p(y[r0].data_ptr()), ctypes.c_int(k), ctypes.c_int(p.meta.shape[1]),
-                ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)),
+                ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)), ctypes.c_uint(0),
             ]  # fmt: skip
             params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])  # ~5x cheaper than cast
             grid_x = p.out_features // (16 * cfg.tiles)
@@ -582,16 +599,16 @@ def launch(
 # torch.compile(fullgraph=True) traces QuantLinear.forward: the ctypes launch must be opaque to dynamo.
 @torch.library.custom_op("qvlq::int4_mma_gemv", mutates_args=())
 def _int4_mma_op(
-    x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, group_size: int, warps: int, tiles: int
+    x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, group_size: int, warps: int, tiles: int, fence: int
 ) -> Tensor:
     p = Packed(qweight, meta, group_size, x.dtype)
     if x.device.type != "cuda":  # CPU: the lane-by-lane model of the kernel
         return emulate(x, p, bias)
-    return launch(x, p, bias, Config(warps, tiles))
+    return launch(x, p, bias, Config(warps, tiles, fence))
 
 
 @_int4_mma_op.register_fake
-def _(x, qweight, meta, bias, group_size, warps, tiles):
+def _(x, qweight, meta, bias, group_size, warps, tiles, fence):
     return x.new_empty(x.shape[0], qweight.shape[0] * 16)
 
 

@@ -122,7 +122,7 @@ int main(int argc, char** argv) {
         for (int bx = 0; bx < N / 16 / TN; ++bx) {
           blockIdx.x = bx;
           blockIdx.y = by;
-          qvlq_int4_mma(qw.data(), meta.data(), x.data(), has_bias ? bias.data() : nullptr, y.data(), K, G, ldx, N);
+          qvlq_int4_mma(qw.data(), meta.data(), x.data(), has_bias ? bias.data() : nullptr, y.data(), K, G, ldx, N, 0u);
           block_barrier->arrive_and_wait();  // the block is done with its __shared__ before the next starts
         }
     });

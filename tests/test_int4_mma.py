@@ -167,7 +167,8 @@ def _nvcc(tmp_path, arch: str, dtype: torch.dtype, gs: int, cfg: M.Config) -> st
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_source_compiles_without_spills(tmp_path, arch, dtype):
-    for cfg in M.CONFIGS:  # the group size of the official checkpoint: no local-memory traffic in the loop
+    every = arch == "sm_90" and dtype == torch.bfloat16  # all configurations once; both fence variants always
+    for cfg in M.CONFIGS if every else (M.Config(8, 1, 1), M.Config(8, 1, 0)):  # group 128: no local memory
         log = _nvcc(tmp_path, arch, dtype, 128, cfg)
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, log
     for gs in (64, 256, 1024):
@@ -207,7 +208,7 @@ HOST_CASES = [  # (dtype, N, K, group, config, rows, bias, pad): warps without s
     (torch.bfloat16, 32, 768, 128, M.Config(8, 1), 2, True, 0),
     (torch.float16, 64, 512, 64, M.Config(4, 2), 1, False, 0),
     (torch.bfloat16, 16, 1024, 512, M.Config(16, 1), 1, True, 0),
-    (torch.bfloat16, 32, 512, -1, M.Config(4, 1), 1, False, 0),
+    (torch.bfloat16, 32, 512, -1, M.Config(4, 1, fence=0), 1, False, 0),
     (torch.float16, 32, 1024, 256, M.Config(8, 2), 3, True, 8),
 ]
 
