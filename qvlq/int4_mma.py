@@ -312,11 +312,21 @@ def _rows16(words: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> Tensor:
-    """W [K, N] = s * (q - z) in fp32, rounded once (inputs in group order)."""
-    codes, zeros, scales = unpack(p)
-    n, k = codes.shape
-    q = codes.T.to(torch.int32).view(-1, p.group_size, n)
-    return ((q - zeros.unsqueeze(1)).float() * scales.unsqueeze(1)).reshape(k, n).to(dtype)
+    """W [K, N] = s * (q - z) in fp32, rounded once (inputs in group order; a transposed view of an [N, K]
+    tensor). One nibble position at a time, so the transient memory stays ~1 byte per weight besides the
+    result: this is the dense prefill path of a lean QuantLinear, whose peak memory the profile reports."""
+    t, c = p.qweight.shape[:2]
+    cpg = p.group_size // CHUNK
+    _, magic_value, _, _ = FORMATS[p.dtype]
+    row, kk = _lane_map(p.qweight.device)
+    s = _rows16(p.meta[..., 0], torch.float16).repeat_interleave(cpg, dim=1)  # [T, C, 16]
+    z = (-_rows16(p.meta[..., 1], p.dtype) - magic_value).repeat_interleave(cpg, dim=1)
+    out = torch.empty(t, 16, c, CHUNK, dtype=dtype, device=p.qweight.device)  # [tile, row, chunk, input]
+    for nib in range(8):
+        r, i = row[..., nib], kk[..., nib]  # [32 lanes, 4 words]
+        w = (((p.qweight >> (4 * nib)) & 0xF).float() - z[:, :, r]) * s[:, :, r]  # [T, C, 32, 4]
+        out[:, r, :, i] = w.to(dtype).permute(2, 3, 0, 1)
+    return out.view(t * 16, c * CHUNK).T
 
 
 def reference(x: Tensor, p: Packed, bias: Tensor | None = None) -> Tensor:

@@ -51,8 +51,13 @@ def test_pack_round_trip(n, k, gs, dtype):
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
     zeros = torch.randint(0, 128, (groups, n), generator=g)
     scales = torch.rand(groups, n, generator=g).half()
-    c, z, s = M.unpack(M.pack(codes, zeros, scales, gs, dtype))
+    p = M.pack(codes, zeros, scales, gs, dtype)
+    c, z, s = M.unpack(p)
     assert torch.equal(c, codes) and torch.equal(z, zeros.int()) and torch.equal(s, scales.float())
+    size = k if gs == -1 else gs  # and the dense weight, W[k, n] = s * (q - z), rounded once
+    want = (codes.T.int().view(-1, size, n) - zeros.unsqueeze(1)).float() * scales.float().unsqueeze(1)
+    for out in (torch.float32, dtype):
+        assert torch.equal(M.dequantize(p, out), want.reshape(k, n).to(out))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -312,6 +317,13 @@ def test_full_size_kernel_matches_reference(out_in):
                 assert bad is None, f"{cfg.name} {dtype} rows={rows}: {bad}"
     res = M.tuned(p)
     assert res.best.name in res.seconds and not res.dropped, res.dropped
+    # the lean prefill path's dense weight: little transient memory beyond the result (2 bytes a weight)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    w = M.dequantize(p, torch.bfloat16)
+    extra = torch.cuda.max_memory_allocated() - base - w.numel() * 2
+    assert extra < 2.5 * w.numel(), f"{extra / w.numel():.2f} transient bytes per weight"
 
 
 @pytest.mark.gpu
