@@ -1306,6 +1306,9 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
     device = resolve_device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ProfileRefused(f"device {device} requested but CUDA is not available")
+    if device.type != "cuda" and s.int4_kernel in ("int4_cuda", "triton", "mma"):
+        raise ProfileRefused(f"--int4-kernel {s.int4_kernel} needs a CUDA device; on {device} use fastest, auto or "
+                             "dequant")  # fmt: skip
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # events and streams follow the current device
     started = datetime.now().isoformat(timespec="seconds")

@@ -172,6 +172,9 @@ def test_int4_kernel_option_is_validated_and_follows_the_environment(tmp_path, m
     args = ["profile", "--random-weights", "tiny", "--device", "cpu", "--out", str(tmp_path / "x")]
     bad = CliRunner().invoke(app, [*args, "--int4-kernel", "marlin"])
     assert bad.exit_code == 2 and "--int4-kernel must be one of" in bad.output
+    cpu = CliRunner().invoke(app, [*args, "--int4-kernel", "mma"])
+    assert cpu.exit_code == 2 and "--int4-kernel mma needs a CUDA device" in cpu.output
+    assert not (tmp_path / "x").exists()  # refused before anything was written
     monkeypatch.setenv("QVLQ_INT4_BACKEND", "bogus")
     env = CliRunner().invoke(app, args)
     assert env.exit_code != 0 and "QVLQ_INT4_BACKEND='bogus'" in env.output
