@@ -44,6 +44,7 @@ KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # what torch's int4 kernels accept for 
 # triton, mma: their kernels re-read the weight once per row (GEMVs, not GEMMs); 32 is an estimate.
 DEQUANT_ROWS: dict[str, int | None] = {"int4_cpu": 128, "int4_cuda": 512, "triton": 32, "mma": 32}
 CUDA_KERNELS = ("int4_cuda", "triton", "mma")  # what prepare("fastest") times against each other
+ENV_CANDIDATES = "QVLQ_INT4_CANDIDATES"  # e.g. int4_cuda,mma: what "fastest" times (a long profile skips one)
 # prepare("fastest"): per (out, in, group, dtype), the measured choice and timings (each usable CUDA kernel at
 # one row, CUDA graph of many calls), measured once per distinct shape; read it with fastest_choices().
 FASTEST: dict[tuple[int, int, int, str], dict[str, Any]] = {}
@@ -57,6 +58,18 @@ def env_backend() -> str | None:
     if value not in ("fastest", "dequant", *CUDA_KERNELS):
         raise ValueError(f"{ENV_BACKEND}={value!r}: expected mma, triton, int4_cuda, fastest or dequant")
     return value
+
+
+def fastest_candidates() -> tuple[str, ...]:
+    """The CUDA kernels prepare("fastest") may time: $QVLQ_INT4_CANDIDATES (comma list), else all of them."""
+    value = os.environ.get(ENV_CANDIDATES, "").strip()
+    if not value:
+        return CUDA_KERNELS
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in CUDA_KERNELS]
+    if bad or not names:
+        raise ValueError(f"{ENV_CANDIDATES}={value!r}: expected a comma list of {', '.join(CUDA_KERNELS)}")
+    return names
 
 
 def fastest_choices() -> list[dict[str, Any]]:
@@ -339,7 +352,7 @@ class QuantLinear(nn.Module):
         if backend == "fastest":
             if not on_cuda:
                 return self._choose("auto")
-            usable = [b for b in CUDA_KERNELS if self._int4_ok(b) is None]
+            usable = [b for b in fastest_candidates() if self._int4_ok(b) is None]
             return "fastest" if len(usable) > 1 else (usable[0] if usable else "dequant")
         if backend != "auto":
             return backend
@@ -451,7 +464,7 @@ class QuantLinear(nn.Module):
             rec: dict[str, Any] = {
                 "out_features": self.out_features, "in_features": self.in_features, "group_size": gs, "dtype": key[3],
             }  # fmt: skip
-            usable = [b for b in CUDA_KERNELS if self._int4_ok(b) is None]
+            usable = [b for b in fastest_candidates() if self._int4_ok(b) is None]
             if "int4_cuda" in usable:
                 x = torch.randn(1, self.in_features, device=codes.device).to(dtype)
                 rec["int4_cuda_us"] = time_tinygemm(x, _pack_torch_int4("int4_cuda", codes, zeros, scales, gs)) * 1e6

@@ -126,6 +126,18 @@ def test_launch_checks_its_inputs_before_any_cuda_call():
         M.launch(x, random_packed(16, 256, 128, torch.bfloat16)[0], None, M.Config(4, 2))
 
 
+def test_fastest_candidates_follow_the_environment(monkeypatch):
+    from qvlq import int4
+
+    monkeypatch.delenv(int4.ENV_CANDIDATES, raising=False)
+    assert int4.fastest_candidates() == int4.CUDA_KERNELS
+    monkeypatch.setenv(int4.ENV_CANDIDATES, "int4_cuda, mma")
+    assert int4.fastest_candidates() == ("int4_cuda", "mma")
+    monkeypatch.setenv(int4.ENV_CANDIDATES, "marlin")
+    with pytest.raises(ValueError, match="QVLQ_INT4_CANDIDATES"):
+        int4.fastest_candidates()
+
+
 def test_custom_op_under_compile_matches_emulation():
     p, _ = random_packed(32, 512, 128, torch.bfloat16)
     x = torch.randn(2, 512).to(torch.bfloat16)
