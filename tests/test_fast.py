@@ -227,6 +227,31 @@ def test_int4_model_matches_hf(backend: str) -> None:
         assert_same(greedy(compiled, ids, steps=12, image_features=feats), ref)
 
 
+def test_mma_int4_model_matches_hf_in_the_traced_step(monkeypatch) -> None:
+    """QuantLinear's "mma" backend (its CPU op runs the kernel's lane-level model) inside the engine's step,
+    eager and traced: the same tokens as the HF loop on the same modules. Widths of 256 for its K steps."""
+    from qvlq.int4 import QuantLinear
+
+    monkeypatch.setattr(QuantLinear, "_int4_ok", lambda self, backend: None)  # the CUDA checks, on the CPU
+    cfg = tiny_config(272, layers=1)
+    cfg.hidden_size, cfg.kv_channels, cfg.intermediate_size = 256, 64, 2 * 512
+    cfg.visual = dict(cfg.visual, output_dim=256)
+    torch.manual_seed(0)
+    model = QWenLMHeadModel(cfg).eval()
+    quantize_blocks(model)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prepare("mma")
+    ids = prompt(model.config)
+    feats = model.transformer.encode_images(image()).detach()
+    ref = greedy(HFEngine(model), ids, steps=8, image_features=feats)
+    engine = FastEngine(model, 320)
+    assert engine.describe()["int4_backend"] == "mma"
+    assert_same(greedy(engine, ids, steps=8, image_features=feats), ref)
+    compiled = FastEngine(model, 320, compile=True, compile_backend="aot_eager")
+    assert_same(greedy(compiled, ids, steps=8, image_features=feats), ref)
+
+
 # ---------------------------------------------------------------- CUDA (run on the lent GPU)
 def teacher_forced(engine, ids: torch.Tensor, tokens: torch.Tensor, **prefill_kw) -> torch.Tensor:
     """Logits [steps + 1, B, V] when `tokens` [B, steps] are fed instead of the engine's own picks."""
