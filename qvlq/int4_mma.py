@@ -261,13 +261,7 @@ def pack(codes: Tensor, zeros: Tensor, scales: Tensor, group_size: int, dtype: t
         raise ValueError(reason)
     if dtype not in FORMATS:
         raise ValueError(f"activation dtype must be bfloat16 or float16, got {dtype}")
-    g = k // gs
-    if tuple(zeros.shape) != (g, n) or tuple(scales.shape) != (g, n):
-        raise ValueError(f"zeros {tuple(zeros.shape)} and scales {tuple(scales.shape)} must be [{g}, {n}]")
-    if codes.numel() and int(codes.max()) > 15:
-        raise ValueError("codes must be 4-bit values in [0, 15]")
-    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 127):
-        raise ValueError("zero points must lie in [0, 127] (magic value + zero must be exact in 16 bits)")
+    g = int4_triton.check_values(codes, zeros, scales, gs, 127, " (magic value + zero must be exact in 16 bits)")
     s16 = scales.to(torch.float16)
     if not torch.equal(s16.float(), scales.float()):
         raise ValueError("scales must be fp16 values (the GPTQ checkpoint stores fp16)")

@@ -124,6 +124,19 @@ def check_group_size(in_features: int, group_size: int) -> str | None:
     return None
 
 
+def check_values(codes: Tensor, zeros: Tensor, scales: Tensor, gs: int, max_zero: int, why: str = "") -> int:
+    """Shapes and value ranges of a kernel packer's input (codes [N, K], zeros and scales [G, N]); G."""
+    n, k = codes.shape
+    g = k // gs
+    if tuple(zeros.shape) != (g, n) or tuple(scales.shape) != (g, n):
+        raise ValueError(f"zeros {tuple(zeros.shape)} and scales {tuple(scales.shape)} must be [{g}, {n}]")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError("codes must be 4-bit values in [0, 15]")
+    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > max_zero):
+        raise ValueError(f"zero points must lie in [0, {max_zero}]{why}")
+    return g
+
+
 def pack(codes: Tensor, zeros: Tensor, scales: Tensor, group_size: int) -> Packed:
     """codes uint8 [N, K] (inputs in group-contiguous order: group g = k // gs), zeros [G, N] (the real zero
     point), scales [G, N] fp16/fp32 -> the kernel's layout. Exact: scales stay fp16 when they are fp16
@@ -133,13 +146,7 @@ def pack(codes: Tensor, zeros: Tensor, scales: Tensor, group_size: int) -> Packe
     reason = check_group_size(k, gs)
     if reason is not None:
         raise ValueError(reason)
-    g = k // gs
-    if tuple(zeros.shape) != (g, n) or tuple(scales.shape) != (g, n):
-        raise ValueError(f"zeros {tuple(zeros.shape)} and scales {tuple(scales.shape)} must be [{g}, {n}]")
-    if codes.numel() and int(codes.max()) > 15:
-        raise ValueError("codes must be 4-bit values in [0, 15]")
-    if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) > 255):
-        raise ValueError("zero points must lie in [0, 255]")
+    g = check_values(codes, zeros, scales, gs, max_zero=255)
     wpg = gs // 8
     q = codes.T.to(torch.int32).reshape(g, 8, wpg, n)  # [g, i, j, n]: k = g*gs + i*wpg + j
     words = torch.zeros(g, wpg, n, dtype=torch.int32, device=codes.device)

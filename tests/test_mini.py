@@ -314,11 +314,16 @@ def test_time_budget_stops_early_with_valid_checkpoint(tmp_path: Path) -> None:
     assert OFFICIAL_FILES <= {p.name for p in (tmp_path / "m").iterdir()}
 
 
-def test_time_budget_fits_the_schedule(tmp_path: Path) -> None:
-    opts = TrainOptions(
+def budget_options(seconds: float) -> TrainOptions:
+    """A micro run whose 100k-step horizon only the time budget can shorten."""
+    return TrainOptions(
         size="micro", steps=100_000, batch=2, warmup=40, pool=16, eval_n=2, final_eval_n=6, workers=1,
-        threads=1, time_budget=12.0, aux_weight=0.0,
+        threads=1, time_budget=seconds, aux_weight=0.0,
     )  # fmt: skip
+
+
+def test_time_budget_fits_the_schedule(tmp_path: Path) -> None:
+    opts = budget_options(12.0)
     res = train_mini(tmp_path / "m", opts)
     log = res.log
     assert log["replans"] and log["replans"][0]["from"] == 100_000
@@ -342,10 +347,7 @@ def test_time_budget_refits_after_an_evaluation_when_steps_slow_down(tmp_path: P
         return real(*args, **kwargs)
 
     monkeypatch.setattr(T, "training_losses", slower_after_warmup)
-    opts = TrainOptions(
-        size="micro", steps=100_000, batch=2, warmup=40, pool=16, eval_n=2, final_eval_n=6, workers=1,
-        threads=1, time_budget=20.0, aux_weight=0.0,
-    )  # fmt: skip
+    opts = budget_options(20.0)
     res = train_mini(tmp_path / "m", opts)
     log = res.log
     first, *later = log["replans"]
