@@ -366,17 +366,14 @@ class QuantLinear(nn.Module):
         """None if the int4 kernel can serve this layer, else the reason it cannot."""
         if self.bits != 4:
             return "int4 kernels need bits=4"
-        if backend == "triton":
+        if backend in CUDA_KERNELS:
             if not torch.cuda.is_available() or self.qweight.device.type != "cuda":
-                return "triton needs the layer on a CUDA device"
+                return f"{backend} needs the layer on a CUDA device"
             if torch.cuda.get_device_capability(self.qweight.device) < (8, 0):
-                return "triton needs compute capability 8.0+"
+                return f"{backend} needs compute capability 8.0+"
+        if backend == "triton":
             return int4_triton.check_group_size(self.in_features, self.group_size) or int4_triton.triton_error()
         if backend == "mma":
-            if not torch.cuda.is_available() or self.qweight.device.type != "cuda":
-                return "mma needs the layer on a CUDA device"
-            if torch.cuda.get_device_capability(self.qweight.device) < (8, 0):
-                return "mma needs compute capability 8.0+"
             shape = int4_mma.check_shape(self.out_features, self.in_features, self.group_size)
             return shape or int4_mma.runtime_error()
         if _kernel_group(self.in_features if self.group_size == -1 else self.group_size) is None:
@@ -386,13 +383,8 @@ class QuantLinear(nn.Module):
                 return "int4_cpu needs out_features % 16 == 0"
             if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
                 return "this torch has no _weight_int4pack_mm_for_cpu"
-        else:
-            if not torch.cuda.is_available() or self.qweight.device.type != "cuda":
-                return "int4_cuda needs the layer on a CUDA device"
-            if torch.cuda.get_device_capability(self.qweight.device) < (8, 0):
-                return "int4_cuda needs compute capability 8.0+"
-            if self.out_features % 8 or self.in_features % 128:
-                return "int4_cuda needs out_features % 8 == 0 and in_features % 128 == 0"
+        elif self.out_features % 8 or self.in_features % 128:
+            return "int4_cuda needs out_features % 8 == 0 and in_features % 128 == 0"
         return None
 
     @torch.no_grad()
