@@ -17,8 +17,10 @@ Semantics (see the spec, §3): NTK alpha is chosen at prefill from the prompt le
 decoding (cos/sin tables for all max_seq_len positions, fp32, rebuilt in place only when alpha
 changes); the query at position p is scaled by log(p+1)/log(seq_length) once p+1 > seq_length, the
 factor computed from the position tensor inside the step and cast to the query dtype; keys are never
-scaled. Attention runs over the whole cache (or the first kv_block-multiple of slots) with the mask
-k_index <= pos, so slots not yet written, or left over from an earlier longer sequence, get weight 0.
+scaled. Attention: "sdpa"/"math" run over the whole cache (or the first kv_block-multiple of slots) with
+the mask k_index <= pos, so slots not yet written, or left over from an earlier longer sequence, get weight
+0; "triton" (qvlq.decode_attention) reads the position on the device and only slots 0..pos, in one graph;
+"fastest" times SDPA against it at engine build and keeps the faster (CUDA).
 
 Batch > 1 works for prompts of equal length (no padding support): every row shares one position.
 `make_engine(name, model, max_seq_len)` is the registry ("hf", "fast") the profiler calls.
@@ -35,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import decode_attention as DA
 from .generate import HFEngine
 from .model.modeling import apply_rope, ntk_alpha, rope_cos_sin
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTIONS = ("sdpa", "math", "triton", "fastest")
 
 
 class KVCache(nn.Module):
@@ -78,13 +82,15 @@ class Decoder(nn.Module):
     """The unit that gets compiled / captured: one decode step over the static cache."""
 
     def __init__(
-        self, model: nn.Module, max_seq_len: int, batch_size: int, attention: str = "sdpa"
-    ) -> None:
+        self, model: nn.Module, max_seq_len: int, batch_size: int, attention: str = "sdpa",
+        attention_config: DA.Config = DA.DEFAULT_CONFIG,
+    ) -> None:  # fmt: skip
         super().__init__()
         cfg = model.config
         wte = model.transformer.wte.weight
         self.model = model
         self.attention = attention
+        self.attention_config = attention_config
         self.seq_length = int(cfg.seq_length)
         self.use_logn = bool(cfg.use_logn_attn)
         self.rotary_dim = int(model.transformer.rotary_dim)
@@ -115,8 +121,14 @@ class Decoder(nn.Module):
         scale = torch.where(p1 > self.seq_length, p1.log() / math.log(self.seq_length), torch.ones_like(p1))
         return scale.to(torch.float32)[:, None]
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """q [B, H, 1, D] over k, v [B, H, kv_len, D]; bias [1, 1, 1, kv_len] is 0 or -inf."""
+    def attend(
+        self, q: torch.Tensor, kv: KVCache, kv_len: int, bias: torch.Tensor | None, pos: torch.Tensor
+    ) -> torch.Tensor:
+        """q [B, H, 1, D] over the cache's first kv_len slots; bias [1, 1, 1, kv_len] is 0 or -inf ("triton":
+        no bias, the kernel reads slots 0..pos)."""
+        if self.attention == "triton":
+            return DA.decode_attention(q[:, :, 0], kv.k, kv.v, pos, self.attention_config).unsqueeze(2)
+        k, v = kv.k[:, :, :kv_len], kv.v[:, :, :kv_len]
         if self.attention == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         # "math": two batched GEMVs and an fp32 softmax; lets inductor pick the kernels.
@@ -130,10 +142,11 @@ class Decoder(nn.Module):
         x = t.wte(tokens)
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, D] fp32
         logn = self.logn(pos) if self.use_logn else None
-        # causal mask as an additive bias, built once per step (not per layer) from the position
-        allowed = (torch.arange(kv_len, device=pos.device) <= pos).view(1, 1, 1, kv_len)
-        bias_dtype = x.dtype if self.attention == "sdpa" else torch.float32
-        bias = torch.zeros(allowed.shape, dtype=bias_dtype, device=pos.device).masked_fill(~allowed, float("-inf"))
+        bias = None
+        if self.attention != "triton":  # causal mask as an additive bias, built once per step (not per layer)
+            allowed = (torch.arange(kv_len, device=pos.device) <= pos).view(1, 1, 1, kv_len)
+            bias_dtype = x.dtype if self.attention == "sdpa" else torch.float32
+            bias = torch.zeros(allowed.shape, dtype=bias_dtype, device=pos.device).masked_fill(~allowed, float("-inf"))
         for block, kv in zip(t.h, self.kv, strict=True):
             attn = block.attn
             q, k, v = attn.c_attn(block.ln_1(x)).split(attn.num_heads * attn.head_dim, dim=-1)
@@ -144,7 +157,7 @@ class Decoder(nn.Module):
             if logn is not None:
                 q = q * logn.to(q.dtype)  # the reference casts the factor to the query dtype first
             kv.write(pos, k, v)
-            out = self.attend(q, kv.k[:, :, :kv_len], kv.v[:, :, :kv_len], bias)
+            out = self.attend(q, kv, kv_len, bias, pos)
             x = x + attn.c_proj(out.transpose(1, 2).reshape(b, 1, -1))
             x = x + block.mlp(block.ln_2(x))
         return self.model.lm_head(t.ln_f(x[:, -1]))
@@ -160,9 +173,12 @@ class FastEngine:
       (no compile time; unfused kernels).
     kv_block: None attends over all max_seq_len slots every step (one graph). An int B attends over
       the first ceil((pos+1)/B)*B slots: less KV read early in long runs, one graph per bucket (with
-      compile, the length becomes dynamic after the second bucket: one recompile).
-    attention: "sdpa" (F.scaled_dot_product_attention with an additive 0/-inf mask) or "math" (matmul,
-      fp32 softmax, matmul; scores rounded to the compute dtype as in the reference's eager path).
+      compile, the length becomes dynamic after the second bucket: one recompile). Not with "triton".
+    attention: "sdpa" (F.scaled_dot_product_attention with an additive 0/-inf mask), "math" (matmul,
+      fp32 softmax, matmul; scores rounded to the compute dtype as in the reference's eager path),
+      "triton" (qvlq.decode_attention: slots 0..pos only, config tuned on CUDA) or "fastest" (CUDA: both
+      timed on this cache geometry at its middle position, the faster kept, see `attention_choice`;
+      elsewhere "sdpa").
     compile_backend: torch.compile backend; "aot_eager" traces the same graph without codegen (tests).
     """
 
@@ -179,10 +195,12 @@ class FastEngine:
         attention: str = "sdpa",
         compile_backend: str = "inductor",
     ) -> None:
-        if attention not in ("sdpa", "math"):
-            raise ValueError(f"attention must be 'sdpa' or 'math', got {attention!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
         if kv_block is not None and kv_block < 1:
             raise ValueError("kv_block must be a positive number of slots")
+        if kv_block is not None and attention in ("triton", "fastest"):
+            raise ValueError(f"kv_block buckets the SDPA length; attention {attention!r} reads slots 0..pos itself")
         self.model = model
         self.max_seq_len = int(max_seq_len)
         self.batch_size = int(batch_size)
@@ -208,8 +226,9 @@ class FastEngine:
             captures = compile_backend == "inductor" and mode in ("reduce-overhead", "max-autotune")
             self.graphs = "inductor" if on_cuda and captures else None
 
+        attention, attn_cfg, self.attention_choice = self._choose_attention(model, attention)
         with torch.inference_mode(False):  # normal tensors: writable in and out of inference mode
-            self.decoder = Decoder(model, self.max_seq_len, self.batch_size, attention)
+            self.decoder = Decoder(model, self.max_seq_len, self.batch_size, attention, attn_cfg)
             self._pos = torch.zeros(1, dtype=torch.long, device=self.device)  # device copy of self._len
             self._tok = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)  # graph input
         self._step_fn = self.decoder
@@ -296,7 +315,12 @@ class FastEngine:
             "max_seq_len": self.max_seq_len,
             "compile": self._compile_desc(),
             "cuda_graphs": self.graphs,
-            "attention": f"{self.decoder.attention} over the static cache, mask k_index <= pos",
+            "attention": (
+                f"triton split-KV over slots 0..pos, {self.decoder.attention_config.name}"
+                if self.decoder.attention == "triton"
+                else f"{self.decoder.attention} over the static cache, mask k_index <= pos"
+            ),
+            "attention_choice": self.attention_choice,
             "kv_block": self.kv_block,
             "kv_cache_bytes": sum(b.numel() * b.element_size() for b in self.decoder.kv.buffers()),
             "int4_backend": getattr(int4, "backend", None),
@@ -323,8 +347,32 @@ class FastEngine:
         mode = f" mode={self.compile_mode}" if self.compile_backend == "inductor" else ""
         return f"torch.compile backend={self.compile_backend}{mode} fullgraph"
 
+    def _choose_attention(self, model: nn.Module, attention: str) -> tuple[str, DA.Config, dict[str, Any] | None]:
+        """(attention, its config, what was measured or why it fell back) for the Decoder."""
+        if attention in ("sdpa", "math"):
+            return attention, DA.DEFAULT_CONFIG, None
+        reason = DA.unavailable(self.device)
+        if self.device.type != "cuda" or reason is not None:
+            if attention == "triton" and reason is None:
+                return "triton", DA.DEFAULT_CONFIG, None  # CPU: the op's reference (or the interpreted kernel)
+            if attention == "triton":
+                raise ValueError(f"attention 'triton' unavailable: {reason}")
+            return "sdpa", DA.DEFAULT_CONFIG, {"requested": attention, "choice": "sdpa", "why": reason or "not CUDA"}
+        attn = model.transformer.h[0].attn
+        try:
+            res = DA.tuned(self.batch_size, attn.num_heads, attn.head_dim, self.max_seq_len, self.dtype, self.device)
+        except RuntimeError as e:  # every config failed its check or its compile
+            if attention == "triton":
+                raise
+            return "sdpa", DA.DEFAULT_CONFIG, {"requested": attention, "choice": "sdpa", "why": str(e)[:300]}
+        triton_s = res.seconds[res.best.name]
+        choice = "triton" if attention == "triton" or triton_s < res.sdpa_s else "sdpa"
+        info = {"requested": attention, "choice": choice, "at_position": res.length, "sdpa_us": res.sdpa_s * 1e6,
+                "triton_us": triton_s * 1e6, "triton_config": res.best.name, "dropped": res.dropped}  # fmt: skip
+        return choice, res.best, info
+
     def _kv_len(self, pos: int) -> int:
-        if self.kv_block is None:
+        if self.kv_block is None or self.decoder.attention == "triton":
             return self.max_seq_len
         return min(self.max_seq_len, -(-(pos + 1) // self.kv_block) * self.kv_block)
 

@@ -223,14 +223,20 @@ def _fix_interpreter_scalars() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-@functools.cache
-def _kernel() -> Any:
-    """Compile-on-demand definition of the Triton kernel (imports triton)."""
+def import_triton() -> tuple[Any, Any]:
+    """(triton, triton.language) for a kernel definition; under TRITON_INTERPRET=1 with the interpreter fix."""
     import triton
     import triton.language as tl
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         _fix_interpreter_scalars()
+    return triton, tl
+
+
+@functools.cache
+def _kernel() -> Any:
+    """Compile-on-demand definition of the Triton kernel (imports triton)."""
+    triton, tl = import_triton()
 
     @triton.jit
     def int4_gemv_kernel(

@@ -94,6 +94,27 @@ def test_kv_buckets_and_math_attention() -> None:
         assert_same(greedy(FastEngine(model, 320, **kw), ids, steps=20, image_features=feats), ref)
 
 
+def test_triton_attention_option() -> None:
+    """attention="triton" (on the CPU its op runs the reference; tests/test_decode_attention.py runs the
+    kernel itself in the interpreter) gives the HF tokens, eager and traced, past the logN switch; "fastest"
+    on the CPU keeps SDPA and says why; kv_block does not combine with a length-aware kernel."""
+    model = tiny_model(272, layers=1)
+    ids, feats = prompt(model.config), features(272, layers=1)
+    ref = greedy(HFEngine(model), ids, steps=12, image_features=feats)
+    for kw in ({}, {"compile": True, "compile_backend": "aot_eager"}):
+        engine = FastEngine(model, 300, attention="triton", **kw)
+        assert_same(greedy(engine, ids, steps=12, image_features=feats), ref)
+        assert engine.describe()["attention"].startswith("triton split-KV over slots 0..pos")
+        assert engine._kv_len(5) == 300  # one graph: the kernel bounds the read itself
+    fastest = FastEngine(model, 300, attention="fastest")
+    assert fastest.decoder.attention == "sdpa"
+    assert fastest.describe()["attention_choice"] == {"requested": "fastest", "choice": "sdpa", "why": "not CUDA"}
+    with pytest.raises(ValueError, match="kv_block"):
+        FastEngine(model, 300, attention="triton", kv_block=64)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        FastEngine(model, 300, attention="flash")
+
+
 def test_compiled_step_matches_eager() -> None:
     """torch.compile(fullgraph=True) of the step: aot_eager traces what inductor would get (Dynamo, the
     functionalized in-place cache writes, the bucket recompile) without minutes of C++ codegen."""
@@ -262,7 +283,7 @@ def teacher_forced(engine, ids: torch.Tensor, tokens: torch.Tensor, **prefill_kw
 
 
 def check_cuda_engine(
-    compile: bool | str, dtype: torch.dtype, quantized: bool = False, device: str = "cuda"
+    compile: bool | str, dtype: torch.dtype, quantized: bool = False, device: str = "cuda", attention: str = "sdpa"
 ) -> FastEngine:
     """FastEngine on `device` against HFEngine, 32 greedy steps.
 
@@ -281,7 +302,7 @@ def check_cuda_engine(
     with torch.no_grad():
         feats = model.transformer.encode_images(image().to(device, dtype))
     ref = greedy(HFEngine(model), ids, steps=32, image_features=feats)
-    engine = FastEngine(model, 320, compile=compile)
+    engine = FastEngine(model, 320, compile=compile, attention=attention)
     got = greedy(engine, ids, steps=32, image_features=feats)
     print(engine.describe())
 
@@ -322,3 +343,12 @@ def test_cuda_int4_matches_hf(compile: bool | str) -> None:
     pytest.importorskip("qvlq.int4")
     engine = check_cuda_engine(compile, torch.bfloat16, quantized=True)
     assert engine.describe()["int4_backend"] == "int4_cuda"
+
+
+@pytest.mark.gpu
+@cuda
+@ENGINE_KINDS
+def test_cuda_triton_attention_matches_hf(compile: bool | str) -> None:
+    """The Triton decode attention inside inductor's CUDA graphs and inside the hand-captured graph."""
+    engine = check_cuda_engine(compile, torch.bfloat16, attention="triton")
+    assert engine.decoder.attention == "triton" and engine.describe()["attention_choice"]["choice"] == "triton"

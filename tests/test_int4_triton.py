@@ -15,12 +15,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_interpreted
 
 from qvlq import int4_triton as T
 from qvlq.gptq import GPTQ, QuantSpec
@@ -227,13 +226,7 @@ def _interpreter_results() -> dict[str, str | None]:
 
 @functools.cache
 def interpreter_run() -> dict[str, str | None]:
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--interpret"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 needs_triton = pytest.mark.skipif(

@@ -1,0 +1,214 @@
+"""qvlq.decode_attention: the Triton split-KV decode attention, its reference and its FastEngine wiring.
+
+Levels:
+  CPU, always   the reference against SDPA over slots 0..pos; input checks; the custom op.
+  interpreter   the real kernel under TRITON_INTERPRET=1 (a subprocess running this file): positions at
+                both ends and in between, splits with no slots, NaN garbage past pos, both dtypes, and a
+                tiny model decoding through it in the FastEngine with the HF loop's tokens.
+  compiler      Triton compiles every config for sm_80 and sm_90 on this CPU-only machine (no driver
+                needed): no register spills (cuobjdump on the cubin).
+  gpu           full geometry against the reference, tuning against SDPA, the engine in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_interpreted
+
+from qvlq import decode_attention as A
+from qvlq.int4_triton import mismatch, triton_error
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def cache(b: int, h: int, length: int, d: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, h, d, generator=g) * 2).to(dtype)  # * 2: peaked softmax, the max matters
+    k = torch.randn(b, h, length, d, generator=g).to(dtype)
+    v = torch.randn(b, h, length, d, generator=g).to(dtype)
+    return q, k, v
+
+
+# ------------------------------------------------------------------------------------------ CPU
+@pytest.mark.parametrize("pos", [0, 5, 39])
+def test_reference_is_sdpa_over_the_valid_slots(pos: int) -> None:
+    q, k, v = cache(2, 3, 40, 32, torch.float32)
+    k[:, :, pos + 1 :] = float("nan")  # stale slots are never read
+    got = A.reference(q, k, v, torch.tensor([pos]))
+    want = F.scaled_dot_product_attention(q.unsqueeze(2), k[:, :, : pos + 1], v[:, :, : pos + 1]).squeeze(2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.dtype == q.dtype
+
+
+def test_checks() -> None:
+    q, k, v = cache(1, 2, 8, 32, torch.float32)
+    p = torch.tensor([3])
+    with pytest.raises(ValueError, match=r"\[B, H, D\]"):
+        A.check(q.unsqueeze(2), k, v, p)
+    with pytest.raises(ValueError, match="power of two"):
+        A.check(q[..., :24], k[..., :24], v[..., :24], p)
+    with pytest.raises(ValueError, match="one integer position"):
+        A.check(q, k, v, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="unit stride"):
+        A.check(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, p)
+
+
+def test_op_on_cpu_and_under_compile() -> None:
+    q, k, v = cache(1, 4, 24, 32, torch.float32)
+    p = torch.tensor([17])
+    ref = A.reference(q, k, v, p)
+    assert torch.equal(A.decode_attention(q, k, v, p), ref)
+    traced = torch.compile(lambda *a: A.decode_attention(*a) * 1, backend="aot_eager", fullgraph=True)
+    assert torch.equal(traced(q, k, v, p), ref)
+
+
+def test_unavailable() -> None:
+    assert A.unavailable(torch.device("cpu")) is None
+    assert "CUDA or CPU" in A.unavailable(torch.device("meta"))
+
+
+# ------------------------------------------------------------------------------------------ interpreter
+# (B, H, L, D): one block, a ragged last block, more splits than blocks, head dim 128 as at full size
+SHAPES = [(1, 4, 37, 32), (2, 3, 200, 64), (1, 2, 70, 128)]
+CONFIGS = [A.Config(16, 4, 4), A.Config(32, 8, 2), A.Config(16, 1, 4), A.Config(64, 2, 4, 1)]
+
+
+def _interpreter_results() -> dict[str, str | None]:
+    """Runs in the subprocess (TRITON_INTERPRET=1): case -> None if it matches, else what went wrong."""
+    out: dict[str, str | None] = {}
+    for b, h, length, d in SHAPES:
+        for dt in (torch.bfloat16, torch.float16):
+            q, k, v = cache(b, h, length, d, dt)
+            for pos in (0, 1, length // 2, length - 1):
+                kn, vn = k.clone(), v.clone()
+                kn[:, :, pos + 1 :] = float("nan")  # leftovers of a longer sequence must not leak in
+                vn[:, :, pos + 1 :] = float("nan")
+                p = torch.tensor([pos])
+                ref = A.reference(q.float(), k, v, p)
+                for cfg in CONFIGS:
+                    y = A.launch(q, kn, vn, p, cfg)
+                    bad = f"dtype {y.dtype}" if y.dtype != dt else mismatch(y, ref)
+                    out[f"{b}x{h}x{length}x{d}-{str(dt)[6:]}-p{pos}-{cfg.name}"] = bad
+    q, k, v = cache(2, 3, 50, 64, torch.bfloat16)
+    qt = torch.randn(3, 2, 64).bfloat16().transpose(0, 1)  # [B, H, D] with a non-unit head stride
+    p = torch.tensor([33])
+    out["strided-q"] = mismatch(A.launch(qt, k, v, p), A.reference(qt.float(), k, v, p))
+    out["counters-zero"] = None if int(A.counters("cpu").abs().sum()) == 0 else "split counters not reset"
+    out["engine-tokens"] = _engine_tokens_check()
+    return out
+
+
+def _engine_tokens_check() -> str | None:
+    """The tiny model decoding through the interpreted kernel (eager and traced) gives the HF loop's tokens."""
+    from test_fast import features, greedy, prompt, tiny_model
+
+    from qvlq.fast import FastEngine
+    from qvlq.generate import HFEngine
+
+    model = tiny_model(272, layers=1)  # logN switches on while decoding (p + 1 > 272)
+    ids, feats = prompt(model.config), features(272, layers=1)
+    ref = greedy(HFEngine(model), ids, steps=12, image_features=feats)
+    for kw in ({}, {"compile": True, "compile_backend": "aot_eager"}):
+        got = greedy(FastEngine(model, 300, attention="triton", **kw), ids, steps=12, image_features=feats)
+        if got[0].tolist() != ref[0].tolist() or (got[1] - ref[1]).abs().max().item() > 1e-4:
+            return f"{kw or 'eager'}: tokens {got[0].tolist()} vs HF {ref[0].tolist()}"
+    return None
+
+
+@functools.cache
+def interpreter_run() -> dict[str, str | None]:
+    return run_interpreted(__file__)
+
+
+INTERP_CASES = [
+    f"{b}x{h}x{length}x{d}-{dt}-p{pos}-{cfg.name}"
+    for b, h, length, d in SHAPES
+    for dt in ("bfloat16", "float16")
+    for pos in (0, 1, length // 2, length - 1)
+    for cfg in CONFIGS
+] + ["strided-q", "counters-zero", "engine-tokens"]
+
+needs_triton = pytest.mark.skipif(triton_error() is not None, reason=f"needs triton: {triton_error()}")
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("case", INTERP_CASES)
+def test_kernel_in_interpreter(case: str) -> None:
+    results = interpreter_run()
+    assert case in results, sorted(results)
+    assert results[case] is None, results[case]
+
+
+# ------------------------------------------------------------------------------------------ compiler
+def cubin_resources(cfg: A.Config, arch: int, dtype: str = "bf16", head_dim: int = 128) -> str:
+    """Compile the kernel for sm_<arch> without a GPU; cuobjdump's resource line (REG, STACK, LOCAL...)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
+    sig |= {"pos_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale": "fp32"}
+    sig |= {f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kh", "ks", "vb", "vh", "vs", "ob", "oh")}
+    sig = {n: sig.get(n, "constexpr") for n in A._kernel().arg_names}
+    src = ASTSource(A._kernel(), sig, constexprs={"D": head_dim, "BLOCK": cfg.block, "SPLITS": cfg.splits})
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"qvlq-decode-attention-{os.getpid()}.cubin"
+    path.write_bytes(kernel.asm["cubin"])
+    try:
+        res = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True, check=True)
+    finally:
+        path.unlink()
+    return next(line.strip() for line in res.stdout.splitlines() if "REG:" in line)
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_configs_compile_without_spills(arch: int) -> None:
+    for cfg in A.CONFIGS:
+        line = cubin_resources(cfg, arch)
+        assert "STACK:0 " in line and "LOCAL:0 " in line, f"{cfg.name}: {line}"
+    assert "STACK:0 " in cubin_resources(A.DEFAULT_CONFIG, arch, "fp16")
+
+
+# ------------------------------------------------------------------------------------------ GPU
+needs_cuda = pytest.mark.skipif(not HAS_CUDA or triton_error() is not None, reason="needs CUDA and triton")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("pos", [0, 255, 1039, 2078])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_full_geometry_on_cuda(pos: int, dtype: torch.dtype) -> None:
+    q, k, v = (t.cuda() for t in cache(1, 32, 2079, 128, dtype))
+    p = torch.tensor([pos], device="cuda")
+    ref = A.reference(q.float(), k, v, p)
+    for cfg in A.CONFIGS:
+        y = A.launch(q, k, v, p, cfg)
+        assert mismatch(y, ref) is None, (cfg.name, mismatch(y, ref))
+    assert int(A.counters(q.device).abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_tune_times_sdpa_and_configs() -> None:
+    res = A.tuned(1, 32, 128, 2079, torch.bfloat16, torch.device("cuda", torch.cuda.current_device()))
+    assert res.sdpa_s > 0 and res.best.name in res.seconds and len(res.seconds) >= len(A.CONFIGS) // 2, res.dropped
+    print({"sdpa_us": res.sdpa_s * 1e6, **{n: s * 1e6 for n, s in res.seconds.items()}})
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1 before triton is imported"
+    print(json.dumps(_interpreter_results()))
