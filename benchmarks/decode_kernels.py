@@ -113,6 +113,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", default="auto", help="FastEngine compile: auto, off or a torch.compile mode")
+    ap.add_argument("--attention", default="fastest", help="FastEngine decode attention (sdpa, triton, fastest)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = ap.parse_args()
     console = Console(width=200)
@@ -139,9 +140,11 @@ def main() -> int:
     for prec in precisions:
         if prec == "int4":
             result["int4_backends"] = quantize_model_rtn(model, dtype=dtype)
-        engine = FastEngine(model, args.context, compile=compile_opt)
+        engine = FastEngine(model, args.context, compile=compile_opt, attention=args.attention)
         r = profile_steps(engine, model.config.vocab_size, args.prompt, args.warmup, args.steps)
         r["int4_backends"] = int4_backends(model)
+        # the steps run at positions prompt..prompt+warmup+2*steps: a length-aware attention reads only those
+        r["attention"] = {k: engine.describe()[k] for k in ("attention", "attention_choice")}
         result["precisions"][prec] = r
         del engine
         torch._dynamo.reset()

@@ -3,7 +3,10 @@
 #   0. qvlq.int4_mma's first contact: compile, launch, where each weight comes from (mma_diagnose.py, <= 60 s)
 #   1. CUDA tests of qvlq's int4 kernels (Triton, mma) and of chat's CUDA-graph engine (pytest -m gpu, <= 150 s)
 #   2. int4 GEMV per full-size shape: tinygemm vs both kernels            (benchmarks/int4_gemv.py, <= 90 s)
-#   3. the profile: fast engine compiled, BF16 + Int4, contexts 2048 and 8192 (benchmarks/profile_full.sh)
+#   2b. decode attention per cache length and position: SDPA over the whole cache, SDPA over 512-slot buckets,
+#      the Triton split-KV kernel over slots 0..pos             (benchmarks/decode_attention.py, <= 45 s)
+#   3. the profile: fast engine compiled, BF16 + Int4, contexts 2048 and 8192 (benchmarks/profile_full.sh),
+#      attention "fastest" (SDPA vs the Triton kernel timed per cache length at engine build, recorded)
 #      with QVLQ_INT4_BACKEND=fastest (each int4 shape timed on tinygemm and mma, or Triton if mma failed 0;
 #      the fastest kept and recorded in the report) when 2 found every result right; else tinygemm
 #   4. the compiled decode step kernel by kernel, with the same int4 choice  (benchmarks/decode_kernels.py)
@@ -12,11 +15,10 @@
 # are in reports/profile/h200-random-full-2026-11-26/; `bash benchmarks/profile_full.sh` runs everything.
 #
 # Usage: OUT=dir bash benchmarks/gpu_checks.sh     (PYTHON=... as in profile_full.sh; BUDGET=540 seconds)
-#   KV_BLOCK=512  profile with the fast engine attending over the first multiple of 512 cache slots instead of
-#                 all of them (one recompile: the length becomes dynamic). At 8192 the Int4 step spends ~40% of
-#                 its time reading the whole static cache (an estimate from the 2048 breakdown): the next
-#                 thing to measure.
-# Output in $OUT: gpu-checks.log, int4-gemv.json, decode-kernels.json, profile-full.log, profile-full/.
+#   KV_BLOCK=512  profile with SDPA over the first multiple of 512 cache slots instead of the default attention
+#                 choice (one recompile: the length becomes dynamic); step 2b measures both ways per position.
+# Output in $OUT: gpu-checks.log, mma-diagnose.json, int4-gemv.json, decode-attention.json, decode-kernels.json,
+# profile-full.log, profile-full/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output directory}"
@@ -37,7 +39,7 @@ say "0. rc=$diag_rc"
 
 say "1. CUDA tests"
 timeout -k 5 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_int4_mma.py tests/test_int4_triton.py \
-    tests/test_chat.py \
+    tests/test_decode_attention.py tests/test_chat.py \
     2>&1 | tee -a "$LOG" | tail -n 15
 tests_rc=$?
 say "1. rc=$tests_rc"
@@ -47,6 +49,14 @@ timeout -k 5 90 "$PY" benchmarks/int4_gemv.py --out "$OUT/int4-gemv.json" 2>&1 |
 bench_rc=$?
 say "2. rc=$bench_rc"
 
+say "2b. decode attention benchmark"
+timeout -k 5 45 "$PY" benchmarks/decode_attention.py --out "$OUT/decode-attention.json" 2>&1 | tee -a "$LOG" | tail -n 40
+attn_rc=$?
+say "2b. rc=$attn_rc"
+ATTENTION=fastest
+if [[ $attn_rc != 0 ]]; then ATTENTION=sdpa; fi
+if [[ -n "${KV_BLOCK:-}" ]]; then ATTENTION=sdpa; fi
+
 # the profile times the kernels per shape when the benchmark found every kernel's results right; Triton only
 # when the mma kernel failed its probe (Triton measured 0.62-0.75x tinygemm: its tuning costs profile time)
 BACKEND=int4_cuda
@@ -54,16 +64,16 @@ if [[ $bench_rc == 0 ]]; then BACKEND=fastest; fi
 export QVLQ_INT4_CANDIDATES=int4_cuda,mma
 if [[ $diag_rc != 0 ]]; then export QVLQ_INT4_CANDIDATES=int4_cuda,triton; fi
 P_TIMEOUT=$(( $(left) - 10 < 300 ? $(left) - 10 : 300 ))
-say "3. profile with QVLQ_INT4_BACKEND=$BACKEND over $QVLQ_INT4_CANDIDATES (hard limit ${P_TIMEOUT}s)"
+say "3. profile with QVLQ_INT4_BACKEND=$BACKEND over $QVLQ_INT4_CANDIDATES, attention $ATTENTION (limit ${P_TIMEOUT}s)"
 QVLQ_INT4_BACKEND=$BACKEND FAST_COMPILE=auto MAX_SECONDS=$(( P_TIMEOUT - 25 )) TIMEOUT=$P_TIMEOUT OUT="$OUT" \
     PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 --windowed '' \
-    ${KV_BLOCK:+--kv-block "$KV_BLOCK"} >/dev/null 2>&1
+    --attention "$ATTENTION" ${KV_BLOCK:+--kv-block "$KV_BLOCK"} >/dev/null 2>&1
 say "3. rc=$?; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
 
 if (( $(left) >= 70 )); then
     say "4. decode step kernels (limit $(( $(left) - 5 ))s)"
     QVLQ_INT4_BACKEND=$BACKEND timeout -k 5 $(( $(left) - 5 )) "$PY" benchmarks/decode_kernels.py \
-        --out "$OUT/decode-kernels.json" 2>&1 | tee -a "$LOG" | grep -v "^USDT" | tail -n 60
+        --attention "$ATTENTION" --out "$OUT/decode-kernels.json" 2>&1 | tee -a "$LOG" | grep -v "^USDT" | tail -n 60
     say "4. rc=$?"
 else
     say "4. skipped: $(left) s left"

@@ -344,7 +344,14 @@ def profile_cmd(
     fast_compile: Annotated[
         str, typer.Option(help="FastEngine compile: auto, off (CUDA graph of the eager step), on, or a mode.")
     ] = "auto",
-    kv_block: Annotated[int | None, typer.Option(help="FastEngine KV bucket size (default: whole cache).")] = None,
+    kv_block: Annotated[
+        int | None, typer.Option(help="FastEngine KV bucket size for --attention sdpa/math (default: whole cache).")
+    ] = None,
+    attention: Annotated[
+        str | None,
+        typer.Option(help="FastEngine decode attention: fastest (CUDA: SDPA and the Triton split-KV kernel timed, the "
+                     "faster kept), sdpa, math or triton. Default: fastest, sdpa with --kv-block."),
+    ] = None,  # fmt: skip
     int4_kernel: Annotated[
         str | None,
         typer.Option(help="Int4 layers: fastest (time every usable CUDA kernel per shape, keep the fastest), "
@@ -378,6 +385,7 @@ def profile_cmd(
         int4_dtype=int4_dtype, max_seconds=max_seconds, windowed=parse_windowed(windowed),
         window_tokens=window_tokens, window_points=window_points, warmup_tokens=warmup_tokens,
         crosscheck_tokens=crosscheck_tokens, fast_compile=fast_compile, kv_block=kv_block, seed=seed,
+        attention=attention or ("sdpa" if kv_block else "fastest"),
         int4_kernel=int4_kernel or env_backend() or "fastest",
     )  # fmt: skip
     settings.validate()

@@ -797,6 +797,7 @@ class ProfileSettings:
     fast_compile: str = "auto"  # FastEngine compile: auto | off | a torch.compile mode
     int4_kernel: str = "fastest"  # QuantLinear backend of the Int4 layers; fastest = timed per shape (CUDA)
     kv_block: int | None = None
+    attention: str = "fastest"  # FastEngine decode attention: sdpa | math | triton | fastest (timed on CUDA)
     seed: int = 0
 
     def runs_for(self, context: int, on_gpu: bool) -> int:
@@ -827,6 +828,13 @@ class ProfileSettings:
             any(r < 1 for r in self.runs) or len(self.runs) not in (1, len(self.contexts))
         ):
             raise ProfileRefused("--runs takes one count >= 1, or one per context")
+        from .fast import ATTENTIONS
+
+        if self.attention not in ATTENTIONS:
+            raise ProfileRefused(f"--attention must be one of {', '.join(ATTENTIONS)}, got {self.attention!r}")
+        if self.kv_block is not None and self.attention in ("triton", "fastest"):
+            raise ProfileRefused(f"--kv-block buckets SDPA's length; --attention {self.attention} bounds the read "
+                                 "itself: use --attention sdpa with --kv-block")  # fmt: skip
         if self.int4_dtype not in ("fp16", "bf16"):
             raise ProfileRefused("--int4-dtype must be fp16 or bf16")
         if self.window_tokens < 2 or self.window_points < 2:
@@ -1174,6 +1182,7 @@ class _Profiler:
             fast_opts["compile"] = {"off": False, "on": True}.get(s.fast_compile, s.fast_compile)
         if s.kv_block is not None:
             fast_opts["kv_block"] = s.kv_block
+        fast_opts["attention"] = s.attention
         pairs = [(c, e) for c in s.contexts for e in s.engines]
         for k, (context, name) in enumerate(pairs):
             n_new = context - image_tokens
@@ -1601,6 +1610,9 @@ def report_tables(report: ProfileReport) -> list[TableSpec]:
           if any(m.int4_selection for m in report.models) else []),
         ["fast engine compile", s.get("fast_compile", "auto") + (f", kv_block {s['kv_block']}" if s.get("kv_block")
                                                                  else "")],
+        ["fast engine attention", f"requested {s.get('attention', 'sdpa')}; "
+         + ("; ".join(f"{k}: {v.get('attention')}" for k, v in report.engines.items() if v.get("engine") == "fast")
+            or "-")],
         ["weights", "RANDOM (" + str(s["random_weights"]) + " geometry)" if s.get("random_weights") else "checkpoint"],
         ["started / wall time", f"{report.started} / {report.seconds:.0f} s"],
     ]  # fmt: skip

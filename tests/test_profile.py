@@ -160,6 +160,7 @@ def test_cli_profile_json(tmp_path):
     assert [c["status"] for c in data["speed"]] == ["ok"]
     assert data["models"][0]["precision"] == "int4" and data["settings"]["contexts"] == [292]
     assert data["settings"]["int4_kernel"] == "fastest"  # the default: measured per shape (dequant on CPU)
+    assert data["settings"]["attention"] == "fastest"  # likewise; SDPA on the CPU
     assert set(data["models"][0]["int4_backends"]) == {"dequant"}
     assert (out / "report.md").is_file() and (out / "speed.png").is_file()
     assert "(requested: fastest)" in (out / "report.md").read_text()
@@ -178,6 +179,23 @@ def test_int4_kernel_option_is_validated_and_follows_the_environment(tmp_path, m
     monkeypatch.setenv("QVLQ_INT4_BACKEND", "bogus")
     env = CliRunner().invoke(app, args)
     assert env.exit_code != 0 and "QVLQ_INT4_BACKEND='bogus'" in env.output
+
+
+def test_attention_option(tmp_path):
+    """--attention reaches the fast engine and the report; it does not combine with --kv-block's buckets."""
+    out = tmp_path / "a"
+    args = ["profile", "--random-weights", "tiny", "--precisions", "bf16", "--engine", "fast", "--contexts", "292",
+            "--runs", "1", "--warmup-tokens", "4", "--device", "cpu", "--json", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--attention", "triton"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["settings"]["attention"] == "triton" and [c["status"] for c in data["speed"]] == ["ok"]
+    assert data["engines"]["bf16/fast@292"]["attention"].startswith("triton split-KV")
+    assert "requested triton; bf16/fast@292: triton split-KV" in (out / "report.md").read_text()
+    both = CliRunner().invoke(app, [*args, "--attention", "fastest", "--kv-block", "64", "--overwrite"])
+    assert both.exit_code == 2 and "use --attention sdpa with --kv-block" in both.output
+    bad = CliRunner().invoke(app, [*args, "--attention", "flash", "--overwrite"])
+    assert bad.exit_code == 2 and "--attention must be one of" in bad.output
 
 
 def test_contexts_shorter_than_the_image_prompt_are_refused():
