@@ -367,6 +367,7 @@ class FastEngine:
             return "sdpa", DA.DEFAULT_CONFIG, {"requested": attention, "choice": "sdpa", "why": str(e)[:300]}
         triton_s = res.seconds[res.best.name]
         choice = "triton" if attention == "triton" or triton_s < res.sdpa_s else "sdpa"
+        DA.counters(self.device)  # the kernel's split counters: allocated here, outside any graph's memory pool
         info = {"requested": attention, "choice": choice, "at_position": res.length, "sdpa_us": res.sdpa_s * 1e6,
                 "triton_us": triton_s * 1e6, "triton_config": res.best.name, "dropped": res.dropped}  # fmt: skip
         return choice, res.best, info

@@ -450,22 +450,23 @@ def mismatch(y: Tensor, ref32: Tensor) -> str | None:
     return None
 
 
-def precompile(x: Tensor, p: Packed, configs: Sequence[Config], workers: int = 8) -> None:
-    """Compile every config at once: Triton's compiler (MLIR passes, ptxas) runs outside the GIL, so
-    threads cut a cold tune from ~configs x 1-2 s to a few seconds. Errors are ignored here: tune() meets
-    them again, one config at a time, and records them."""
+def precompile(launches: Sequence[Callable[[], object]], device: torch.device, workers: int = 8) -> None:
+    """Run one launch per config at once, so each compiles: Triton's compiler (MLIR passes, ptxas) runs
+    outside the GIL, so threads cut a cold tune from ~configs x 1-2 s to a few seconds. Errors are ignored
+    here: the tuner meets them again, one config at a time, and records them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def build(cfg: Config) -> None:
+    def build(launch_one: Callable[[], object]) -> None:
         try:
-            with torch.cuda.device(x.device):  # the current device is per thread
-                launch(x, p, None, cfg)
-        except Exception:  # reported by tune()
+            with torch.cuda.device(device):  # the current device is per thread
+                launch_one()
+        except Exception:  # reported by the tuner
             pass
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(configs), os.cpu_count() or 1))) as pool:
-        list(pool.map(build, configs))
-    torch.cuda.synchronize(x.device)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(launches), os.cpu_count() or 1))) as pool:
+        list(pool.map(build, launches))
+    torch.cuda.synchronize(device)
+    counters(device).zero_()  # launches that interleave (the interpreter's do) may leave a split counter set
 
 
 class TuneResult(NamedTuple):
@@ -499,7 +500,7 @@ def tune(
     counters(dev)
     n_copies = copies_for_l2(p.nbytes(), dev)
     ps = [p] + [Packed(p.qweight.clone(), p.scales.clone(), p.zeros.clone(), p.group_size) for _ in range(n_copies - 1)]
-    precompile(x, p, configs)
+    precompile([functools.partial(launch, x, p, None, cfg) for cfg in configs], dev)
     seconds: dict[str, float] = {}
     dropped: dict[str, str] = {}
     for cfg in configs:

@@ -104,7 +104,55 @@ def _interpreter_results() -> dict[str, str | None]:
     out["strided-q"] = mismatch(A.launch(qt, k, v, p), A.reference(qt.float(), k, v, p))
     out["counters-zero"] = None if int(A.counters("cpu").abs().sum()) == 0 else "split counters not reset"
     out["engine-tokens"] = _engine_tokens_check()
+    out["tune-logic"] = _tune_check()
     return out
+
+
+def _tune_check() -> str | None:
+    """tune() on CPU tensors with the CUDA-only pieces stubbed: every config checked at three positions, a
+    bad one dropped with its reason, the fastest kept (the stub times by config), SDPA timed too, and the
+    threaded precompile leaves the split counters zeroed."""
+    import contextlib
+
+    from qvlq import int4_triton
+
+    fake_s = {"b16s4w4st2": 3e-6, "b32s2w4st2": 2e-6, "b128s2w4st1": 4e-6}
+    timed: list[str] = []
+
+    def fake_time(call, calls, repeats):  # which config is being timed: the one whose launch runs
+        timed.append("")
+        call(0)
+        return fake_s.get(timed[-1], 5e-6)
+
+    real_launch = A.launch
+
+    def spy_launch(q, k, v, pos, cfg=A.DEFAULT_CONFIG):
+        if timed and not timed[-1]:
+            timed[-1] = cfg.name
+        return real_launch(q, k, v, pos, cfg)
+
+    patches = {(A, "time_graph"): fake_time, (A, "launch"): spy_launch,
+               (torch.cuda, "synchronize"): lambda *a, **k: None,
+               (torch.cuda, "device"): lambda d: contextlib.nullcontext()}  # fmt: skip
+    saved = {key: getattr(*key) for key in patches}
+    try:
+        for (mod, name), fn in patches.items():
+            setattr(mod, name, fn)
+        cfgs = [A.Config(16, 4, 4), A.Config(32, 2, 4), A.Config(16, 3, 4), A.Config(128, 2, 4, 1)]
+        res = A.tune(1, 2, 32, 100, torch.bfloat16, torch.device("cpu"), configs=cfgs, layers=2)
+    finally:
+        for (mod, name), fn in saved.items():
+            setattr(mod, name, fn)
+    problems = []
+    if res.best.name != "b32s2w4st2" or set(res.seconds) != set(fake_s):
+        problems.append(f"best {res.best.name}, timed {sorted(res.seconds)}")
+    if list(res.dropped) != ["b16s3w4st2"] or "powers of two" not in res.dropped["b16s3w4st2"]:
+        problems.append(f"dropped {res.dropped}")
+    if res.length != 50 or res.sdpa_s != 5e-6:
+        problems.append(f"length {res.length}, sdpa {res.sdpa_s}")
+    if int(int4_triton.counters("cpu").abs().sum()):
+        problems.append("split counters left set")
+    return "; ".join(problems) or None
 
 
 def _engine_tokens_check() -> str | None:
@@ -135,7 +183,7 @@ INTERP_CASES = [
     for dt in ("bfloat16", "float16")
     for pos in (0, 1, length // 2, length - 1)
     for cfg in CONFIGS
-] + ["strided-q", "counters-zero", "engine-tokens"]
+] + ["strided-q", "counters-zero", "engine-tokens", "tune-logic"]
 
 needs_triton = pytest.mark.skipif(triton_error() is not None, reason=f"needs triton: {triton_error()}")
 
