@@ -198,8 +198,8 @@ def test_kernel_in_interpreter(case: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ compiler
-def cubin_resources(cfg: A.Config, arch: int, dtype: str = "bf16", head_dim: int = 128) -> str:
-    """Compile the kernel for sm_<arch> without a GPU; cuobjdump's resource line (REG, STACK, LOCAL...)."""
+def compile_cubin(cfg: A.Config, arch: int, dtype: str = "bf16", head_dim: int = 128) -> bytes:
+    """The kernel compiled for sm_<arch> by Triton, without a GPU or driver."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -207,18 +207,32 @@ def cubin_resources(cfg: A.Config, arch: int, dtype: str = "bf16", head_dim: int
     sig = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
     sig |= {"pos_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale": "fp32"}
     sig |= {f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kh", "ks", "vb", "vh", "vs", "ob", "oh")}
-    sig = {n: sig.get(n, "constexpr") for n in A._kernel().arg_names}
-    src = ASTSource(A._kernel(), sig, constexprs={"D": head_dim, "BLOCK": cfg.block, "SPLITS": cfg.splits})
+    names = A._kernel().arg_names
+    sig = {n: sig.get(n, "constexpr") for n in names}
+    # what Triton's JIT specializes at full size: every pointer and stride a multiple of 16 (16-byte loads)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or "stride" in n}
+    constexprs = {"D": head_dim, "BLOCK": cfg.block, "SPLITS": cfg.splits}
+    src = ASTSource(A._kernel(), sig, constexprs=constexprs, attrs=attrs)
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts).asm["cubin"]
+
+
+def cuobjdump(flag: str, cubin: bytes) -> str:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"qvlq-decode-attention-{os.getpid()}.cubin"
-    path.write_bytes(kernel.asm["cubin"])
+    path.write_bytes(cubin)
     try:
-        res = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True, check=True)
+        return subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True, check=True).stdout
     finally:
         path.unlink()
-    return next(line.strip() for line in res.stdout.splitlines() if "REG:" in line)
+
+
+def cubin_resources(cfg: A.Config, arch: int, dtype: str = "bf16") -> str:
+    """cuobjdump's resource line (REG, STACK, LOCAL...)."""
+    out = cuobjdump("-res-usage", compile_cubin(cfg, arch, dtype))
+    return next(line.strip() for line in out.splitlines() if "REG:" in line)
 
 
 @needs_triton
@@ -229,6 +243,7 @@ def test_configs_compile_without_spills(arch: int) -> None:
         line = cubin_resources(cfg, arch)
         assert "STACK:0 " in line and "LOCAL:0 " in line, f"{cfg.name}: {line}"
     assert "STACK:0 " in cubin_resources(A.DEFAULT_CONFIG, arch, "fp16")
+    assert "LDG.E.128" in cuobjdump("-sass", compile_cubin(A.DEFAULT_CONFIG, arch)), "no 16-byte loads of K/V"
 
 
 # ------------------------------------------------------------------------------------------ GPU
