@@ -422,8 +422,10 @@ def engine_for(model: nn.Module, needed: int, kind: str = "auto") -> HFEngine | 
     cannot wait for torch.compile) and decodes ~12x faster than the eager loop at full size (H200:
     145-150 vs 12-13 tok/s, reports/profile/). It is kept on the model and reused while its cache is long
     enough: cache length = ``needed`` rounded up to a power of two (>= 1024), so a run of questions
-    captures once; a longer request replaces it (the old cache is freed first). The cache holds
-    ~0.5 MB per slot at full size (4.3 GB at 8192) until the model is gone or :func:`release_engine`.
+    captures once; a longer request replaces it (the old cache is freed first). Its decode attention is
+    the faster of SDPA and qvlq's Triton kernel on this cache length, timed when it is built (a few
+    seconds, once). The cache holds ~0.5 MB per slot at full size (4.3 GB at 8192) until the model is
+    gone or :func:`release_engine`.
     Weights changed in place after the first call are seen (the engine holds the model's modules);
     modules replaced by others (quantizing in place) are not: call :func:`release_engine` then."""
     if kind not in CHAT_ENGINES:
@@ -435,7 +437,7 @@ def engine_for(model: nn.Module, needed: int, kind: str = "auto") -> HFEngine | 
     if engine is None or engine.max_seq_len < needed:
         release_engine(model)
         length = max(1024, 1 << max(0, needed - 1).bit_length())
-        engine = FastEngine(model, length, compile=False, cuda_graphs=True)
+        engine = FastEngine(model, length, compile=False, cuda_graphs=True, attention="fastest")
         _CHAT_ENGINES[model] = engine
     engine.reset()
     return engine
