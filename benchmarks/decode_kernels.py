@@ -109,7 +109,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--precisions", default="bf16,int4")
     ap.add_argument("--context", type=int, default=2048, help="static cache length (the profile's 2048 cell)")
-    ap.add_argument("--prompt", type=int, default=289)
+    ap.add_argument("--prompt", type=int, default=None,
+                    help="prompt tokens before the profiled steps (default: context // 2, the mean position of a run "
+                    "that fills the cache: what a length-aware attention reads on average)")
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", default="auto", help="FastEngine compile: auto, off or a torch.compile mode")
@@ -141,9 +143,10 @@ def main() -> int:
         if prec == "int4":
             result["int4_backends"] = quantize_model_rtn(model, dtype=dtype)
         engine = FastEngine(model, args.context, compile=compile_opt, attention=args.attention)
-        r = profile_steps(engine, model.config.vocab_size, args.prompt, args.warmup, args.steps)
+        prompt = args.context // 2 if args.prompt is None else args.prompt
+        r = profile_steps(engine, model.config.vocab_size, prompt, args.warmup, args.steps)
+        r["prompt"] = prompt
         r["int4_backends"] = int4_backends(model)
-        # the steps run at positions prompt..prompt+warmup+2*steps: a length-aware attention reads only those
         r["attention"] = {k: engine.describe()[k] for k in ("attention", "attention_choice")}
         result["precisions"][prec] = r
         del engine
