@@ -5,7 +5,8 @@ and how fast, for each way it can attend.
               step: its read does not depend on the position)
   sdpa-b512   the same over the first multiple of 512 slots (FastEngine kv_block=512: one graph per bucket)
   triton      qvlq.decode_attention, the config tune() picks for this cache (slots 0..pos only), and every
-              other config at the tuning position
+              other config at the tuning position. Its time also covers what the SDPA rows leave to other
+              kernels: RoPE of q and k, the logN scale and the cache write.
 
 Per cache length (max_seq_len of the seed's 2048 and 8192 runs: 2079 and 8223 slots) and position: us per
 call (a CUDA graph of --calls calls over --layers caches, so K/V come from HBM, median of 5 replays), the
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qvlq import decode_attention as A  # noqa: E402
 from qvlq.int4_triton import mismatch, time_graph, triton_error  # noqa: E402
 from qvlq.io import write_json  # noqa: E402
+from qvlq.model.modeling import rope_cos_sin  # noqa: E402
 from qvlq.profile import measure_bandwidth  # noqa: E402
 
 HEADS, HEAD_DIM, LAYERS_PER_STEP = 32, 128, 32
@@ -44,7 +46,10 @@ LENGTHS = (2079, 8223)  # FastEngine max_seq_len of the protocol's runs: 289-tok
 def bench_length(length: int, args: argparse.Namespace) -> dict[str, Any]:
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     gen = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(1, HEADS, HEAD_DIM, device=dev, generator=gen).to(dtype)
+    qkv = torch.randn(1, 3, HEADS, HEAD_DIM, device=dev, generator=gen).to(dtype)
+    q = qkv[:, 0]
+    cos, sin = rope_cos_sin(torch.arange(length, device=dev), HEAD_DIM, 10000.0, 1.0)
+    logn = torch.tensor([1.0], dtype=dtype, device=dev)
     caches = [
         tuple(torch.randn(1, HEADS, length, HEAD_DIM, device=dev, generator=gen).to(dtype) for _ in range(2))
         for _ in range(args.layers)
@@ -57,8 +62,8 @@ def bench_length(length: int, args: argparse.Namespace) -> dict[str, Any]:
         n = pos + 1
         need = 2 * HEADS * n * HEAD_DIM * q.element_size()
         row: dict[str, Any] = {"position": pos, "bytes_needed": need}
-        ref = A.reference(q.float(), *caches[0], p)
-        got = A.launch(q, *caches[0], p, tuned.best)
+        ref = A.reference(qkv, *(t.clone() for t in caches[0]), cos, sin, p, logn, torch.float32)
+        got = A.launch(qkv, *(t.clone() for t in caches[0]), cos, sin, p, logn, tuned.best)
         row["triton_mismatch"] = mismatch(got, ref)
         for name, bucket in (("sdpa", length), ("sdpa-b512", min(length, -(-n // 512) * 512))):
             bias = torch.zeros(1, 1, 1, bucket, dtype=dtype, device=dev)
@@ -71,7 +76,7 @@ def bench_length(length: int, args: argparse.Namespace) -> dict[str, Any]:
             row[f"{name}_us"] = time_graph(sdpa, args.calls, 5) * 1e6
 
         def triton(i: int, p: torch.Tensor = p) -> torch.Tensor:
-            return A.launch(q, *caches[i % args.layers], p, tuned.best)
+            return A.launch(qkv, *caches[i % args.layers], cos, sin, p, logn, tuned.best)
 
         row["triton_us"] = time_graph(triton, args.calls, 5) * 1e6
         for name in ("sdpa", "sdpa-b512", "triton"):

@@ -19,8 +19,9 @@ changes); the query at position p is scaled by log(p+1)/log(seq_length) once p+1
 factor computed from the position tensor inside the step and cast to the query dtype; keys are never
 scaled. Attention: "sdpa"/"math" run over the whole cache (or the first kv_block-multiple of slots) with
 the mask k_index <= pos, so slots not yet written, or left over from an earlier longer sequence, get weight
-0; "triton" (qvlq.decode_attention) reads the position on the device and only slots 0..pos, in one graph;
-"fastest" times SDPA against it at engine build and keeps the faster (CUDA).
+0; "triton" (qvlq.decode_attention) does RoPE, logN, the cache write and attention in one kernel a layer,
+reading the position on the device and only slots 0..pos (one graph for every length); "fastest" times SDPA
+against it at engine build and keeps the faster (CUDA).
 
 Batch > 1 works for prompts of equal length (no padding support): every row shares one position.
 `make_engine(name, model, max_seq_len)` is the registry ("hf", "fast") the profiler calls.
@@ -28,6 +29,7 @@ Batch > 1 works for prompts of equal length (no padding support): every row shar
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import weakref
@@ -121,44 +123,58 @@ class Decoder(nn.Module):
         scale = torch.where(p1 > self.seq_length, p1.log() / math.log(self.seq_length), torch.ones_like(p1))
         return scale.to(torch.float32)[:, None]
 
-    def attend(
-        self, q: torch.Tensor, kv: KVCache, kv_len: int, bias: torch.Tensor | None, pos: torch.Tensor
-    ) -> torch.Tensor:
-        """q [B, H, 1, D] over the cache's first kv_len slots; bias [1, 1, 1, kv_len] is 0 or -inf ("triton":
-        no bias, the kernel reads slots 0..pos)."""
-        if self.attention == "triton":
-            return DA.decode_attention(q[:, :, 0], kv.k, kv.v, pos, self.attention_config).unsqueeze(2)
-        k, v = kv.k[:, :, :kv_len], kv.v[:, :, :kv_len]
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q [B, H, 1, D] over k, v [B, H, kv_len, D]; bias [1, 1, 1, kv_len] is 0 or -inf."""
         if self.attention == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         # "math": two batched GEMVs and an fp32 softmax; lets inductor pick the kernels.
         scores = (q @ k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
         return (scores + bias).softmax(-1).to(v.dtype) @ v
 
+    def layer_sdpa(
+        self, attn: nn.Module, h: torch.Tensor, kv: KVCache, pos: torch.Tensor, kv_len: int, cos: torch.Tensor,
+        sin: torch.Tensor, logn: torch.Tensor | None, bias: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """One layer's attention ("sdpa"/"math") of the normed input h [B, 1, hidden] -> [B, 1, H*D]."""
+        b = h.shape[0]
+        q, k, v = attn.c_attn(h).split(attn.num_heads * attn.head_dim, dim=-1)
+        q = q.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = k.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        v = v.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if logn is not None:
+            q = q * logn.to(q.dtype)  # the reference casts the factor to the query dtype first
+        kv.write(pos, k, v)
+        out = self.attend(q, kv.k[:, :, :kv_len], kv.v[:, :, :kv_len], bias)
+        return out.transpose(1, 2).reshape(b, 1, -1)
+
+    def layer_triton(
+        self, attn: nn.Module, h: torch.Tensor, kv: KVCache, pos: torch.Tensor, logn: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The same with qvlq.decode_attention: RoPE, logN, cache write and attention in one kernel."""
+        b = h.shape[0]
+        qkv = attn.c_attn(h).view(b, 3, attn.num_heads, attn.head_dim)
+        out = DA.decode_attention(qkv, kv.k, kv.v, self.cos, self.sin, pos, logn, self.attention_config)
+        return out.reshape(b, 1, -1)
+
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """tokens [B, 1] at position pos [1] -> logits [B, V]; attends over cache slots [0, kv_len)."""
         t = self.model.transformer
-        b = tokens.shape[0]
         x = t.wte(tokens)
-        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, D] fp32
         logn = self.logn(pos) if self.use_logn else None
-        bias = None
-        if self.attention != "triton":  # causal mask as an additive bias, built once per step (not per layer)
+        if self.attention == "triton":
+            logn_q = None if logn is None else logn.to(x.dtype)  # the reference casts the factor first
+            layer = functools.partial(self.layer_triton, pos=pos, logn=logn_q)
+        else:  # per-step tensors, not per layer: the RoPE rows and the causal mask as an additive bias
+            cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, D] fp32
             allowed = (torch.arange(kv_len, device=pos.device) <= pos).view(1, 1, 1, kv_len)
             bias_dtype = x.dtype if self.attention == "sdpa" else torch.float32
             bias = torch.zeros(allowed.shape, dtype=bias_dtype, device=pos.device).masked_fill(~allowed, float("-inf"))
+            layer = functools.partial(
+                self.layer_sdpa, pos=pos, kv_len=kv_len, cos=cos, sin=sin, logn=logn, bias=bias
+            )
         for block, kv in zip(t.h, self.kv, strict=True):
-            attn = block.attn
-            q, k, v = attn.c_attn(block.ln_1(x)).split(attn.num_heads * attn.head_dim, dim=-1)
-            q = q.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-            k = k.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-            v = v.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if logn is not None:
-                q = q * logn.to(q.dtype)  # the reference casts the factor to the query dtype first
-            kv.write(pos, k, v)
-            out = self.attend(q, kv, kv_len, bias, pos)
-            x = x + attn.c_proj(out.transpose(1, 2).reshape(b, 1, -1))
+            x = x + block.attn.c_proj(layer(block.attn, block.ln_1(x), kv))
             x = x + block.mlp(block.ln_2(x))
         return self.model.lm_head(t.ln_f(x[:, -1]))
 
@@ -176,7 +192,8 @@ class FastEngine:
       compile, the length becomes dynamic after the second bucket: one recompile). Not with "triton".
     attention: "sdpa" (F.scaled_dot_product_attention with an additive 0/-inf mask), "math" (matmul,
       fp32 softmax, matmul; scores rounded to the compute dtype as in the reference's eager path),
-      "triton" (qvlq.decode_attention: slots 0..pos only, config tuned on CUDA) or "fastest" (CUDA: both
+      "triton" (qvlq.decode_attention: RoPE, logN, cache write and attention over slots 0..pos in one
+      kernel a layer, config tuned on CUDA) or "fastest" (CUDA: both
       timed on this cache geometry at its middle position, the faster kept, see `attention_choice`;
       elsewhere "sdpa").
     compile_backend: torch.compile backend; "aot_eager" traces the same graph without codegen (tests).

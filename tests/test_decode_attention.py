@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -26,49 +27,91 @@ from conftest import run_interpreted
 
 from qvlq import decode_attention as A
 from qvlq.int4_triton import mismatch, triton_error
+from qvlq.model.modeling import apply_rope, rope_cos_sin
 
 HAS_CUDA = torch.cuda.is_available()
 
 
-def cache(b: int, h: int, length: int, d: int, dtype: torch.dtype, seed: int = 0):
+class Case(NamedTuple):
+    qkv: torch.Tensor  # [B, 3, H, D]: this token's q, k (before RoPE) and v
+    k: torch.Tensor  # caches [B, H, L, D]
+    v: torch.Tensor
+    cos: torch.Tensor  # fp32 [L, D]
+    sin: torch.Tensor
+
+    def clone(self) -> Case:
+        return Case(*(t.clone() for t in self))
+
+
+def case(b: int, h: int, length: int, d: int, dtype: torch.dtype, seed: int = 0, alpha: float = 1.0) -> Case:
     g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(b, h, d, generator=g) * 2).to(dtype)  # * 2: peaked softmax, the max matters
+    qkv = (torch.randn(b, 3, h, d, generator=g) * 2).to(dtype)  # * 2: peaked softmax, the max matters
     k = torch.randn(b, h, length, d, generator=g).to(dtype)
     v = torch.randn(b, h, length, d, generator=g).to(dtype)
-    return q, k, v
+    cos, sin = rope_cos_sin(torch.arange(length), d, 10000.0, alpha)
+    return Case(qkv, k, v, cos, sin)
+
+
+def sdpa_step(c: Case, pos: int, logn: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FastEngine's "sdpa" layer, written out: (out [B, H, D] in fp32, k cache, v cache after the write)."""
+    c = c.clone()
+    q, k, v = (t.unsqueeze(2) for t in c.qkv.unbind(1))  # [B, H, 1, D]
+    cos, sin = c.cos[pos : pos + 1], c.sin[pos : pos + 1]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if logn is not None:
+        q = q * torch.tensor(logn).to(q.dtype)
+    c.k.index_copy_(2, torch.tensor([pos]), k)
+    c.v.index_copy_(2, torch.tensor([pos]), v)
+    kf, vf = c.k[:, :, : pos + 1].float(), c.v[:, :, : pos + 1].float()
+    return F.scaled_dot_product_attention(q.float(), kf, vf).squeeze(2), c.k, c.v
 
 
 # ------------------------------------------------------------------------------------------ CPU
 @pytest.mark.parametrize("pos", [0, 5, 39])
-def test_reference_is_sdpa_over_the_valid_slots(pos: int) -> None:
-    q, k, v = cache(2, 3, 40, 32, torch.float32)
-    k[:, :, pos + 1 :] = float("nan")  # stale slots are never read
-    got = A.reference(q, k, v, torch.tensor([pos]))
-    want = F.scaled_dot_product_attention(q.unsqueeze(2), k[:, :, : pos + 1], v[:, :, : pos + 1]).squeeze(2)
+@pytest.mark.parametrize("logn", [None, 1.3])
+def test_reference_is_the_engines_sdpa_layer(pos: int, logn: float | None) -> None:
+    c = case(2, 3, 40, 32, torch.bfloat16, alpha=2.0)
+    c.k[:, :, pos:] = float("nan")  # stale slots past pos are never read; slot pos is written first
+    want, k_want, v_want = sdpa_step(c, pos, logn)
+    got_c = c.clone()
+    scale = None if logn is None else torch.tensor([logn]).bfloat16()
+    got = A.reference(*got_c, torch.tensor([pos]), scale, torch.float32)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert got.dtype == q.dtype
+    assert torch.equal(got_c.k.nan_to_num(), k_want.nan_to_num()) and torch.equal(got_c.v, v_want)
+    assert A.reference(*c.clone(), torch.tensor([pos]), scale).dtype == torch.bfloat16
 
 
 def test_checks() -> None:
-    q, k, v = cache(1, 2, 8, 32, torch.float32)
+    c = case(1, 2, 8, 32, torch.float32)
     p = torch.tensor([3])
-    with pytest.raises(ValueError, match=r"\[B, H, D\]"):
-        A.check(q.unsqueeze(2), k, v, p)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, D\]"):
+        A.check(c.qkv[:, :2], c.k, c.v, c.cos, c.sin, p, None)
+    with pytest.raises(ValueError, match="does not match the cache"):
+        A.check(c.qkv[:, :, :1], c.k, c.v, c.cos, c.sin, p, None)
     with pytest.raises(ValueError, match="power of two"):
-        A.check(q[..., :24], k[..., :24], v[..., :24], p)
+        A.check(c.qkv[..., :24], c.k[..., :24], c.v[..., :24], c.cos[:, :24], c.sin[:, :24], p, None)
+    with pytest.raises(ValueError, match="fp32"):
+        A.check(c.qkv, c.k, c.v, c.cos.half(), c.sin.half(), p, None)
     with pytest.raises(ValueError, match="one integer position"):
-        A.check(q, k, v, torch.tensor([1.0]))
+        A.check(c.qkv, c.k, c.v, c.cos, c.sin, torch.tensor([1.0]), None)
     with pytest.raises(ValueError, match="unit stride"):
-        A.check(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, p)
+        A.check(c.qkv, c.k.transpose(2, 3).contiguous().transpose(2, 3), c.v, c.cos, c.sin, p, None)
+    with pytest.raises(ValueError, match="one value"):
+        A.check(c.qkv, c.k, c.v, c.cos, c.sin, p, torch.ones(2))
 
 
 def test_op_on_cpu_and_under_compile() -> None:
-    q, k, v = cache(1, 4, 24, 32, torch.float32)
+    """The op writes the caches it is given, eagerly and under functionalization (aot_eager)."""
+    c = case(1, 4, 24, 32, torch.float32)
     p = torch.tensor([17])
-    ref = A.reference(q, k, v, p)
-    assert torch.equal(A.decode_attention(q, k, v, p), ref)
+    ref_c = c.clone()
+    ref = A.reference(*ref_c, p)
+    eager_c = c.clone()
+    assert torch.equal(A.decode_attention(*eager_c, p), ref) and torch.equal(eager_c.k, ref_c.k)
     traced = torch.compile(lambda *a: A.decode_attention(*a) * 1, backend="aot_eager", fullgraph=True)
-    assert torch.equal(traced(q, k, v, p), ref)
+    traced_c = c.clone()
+    assert torch.equal(traced(*traced_c, p), ref)
+    assert torch.equal(traced_c.k, ref_c.k) and torch.equal(traced_c.v, ref_c.v)
 
 
 def test_unavailable() -> None:
@@ -83,28 +126,40 @@ CONFIGS = [A.Config(16, 4, 4), A.Config(32, 8, 2), A.Config(16, 1, 4), A.Config(
 
 
 def _interpreter_results() -> dict[str, str | None]:
-    """Runs in the subprocess (TRITON_INTERPRET=1): case -> None if it matches, else what went wrong."""
+    """Runs in the subprocess (TRITON_INTERPRET=1): case -> None if it matches, else what went wrong. Each
+    case: the output against the fp32 reference up to its rounding, the cache exactly as the reference
+    leaves it (slot pos written with the rotated k and v, nothing else touched)."""
     out: dict[str, str | None] = {}
     for b, h, length, d in SHAPES:
         for dt in (torch.bfloat16, torch.float16):
-            q, k, v = cache(b, h, length, d, dt)
+            fresh = case(b, h, length, d, dt, alpha=3.0)
             for pos in (0, 1, length // 2, length - 1):
-                kn, vn = k.clone(), v.clone()
-                kn[:, :, pos + 1 :] = float("nan")  # leftovers of a longer sequence must not leak in
-                vn[:, :, pos + 1 :] = float("nan")
+                c = fresh.clone()
+                c.k[:, :, pos:] = float("nan")  # leftovers of a longer sequence must not leak in
+                c.v[:, :, pos:] = float("nan")
                 p = torch.tensor([pos])
-                ref = A.reference(q.float(), k, v, p)
+                logn = None if pos % 2 else torch.tensor([1.0 + pos / 100]).to(dt)
+                ref_c = c.clone()
+                ref = A.reference(*ref_c, p, logn, torch.float32)
                 for cfg in CONFIGS:
-                    y = A.launch(q, kn, vn, p, cfg)
+                    got_c = c.clone()
+                    y = A.launch(*got_c, p, logn, cfg)
                     bad = f"dtype {y.dtype}" if y.dtype != dt else mismatch(y, ref)
+                    if bad is None and not all(torch.equal(g.nan_to_num(), r.nan_to_num()) for g, r in
+                                               ((got_c.k, ref_c.k), (got_c.v, ref_c.v))):  # fmt: skip
+                        bad = "the cache differs from the reference's"
                     out[f"{b}x{h}x{length}x{d}-{str(dt)[6:]}-p{pos}-{cfg.name}"] = bad
-    q, k, v = cache(2, 3, 50, 64, torch.bfloat16)
-    qt = torch.randn(3, 2, 64).bfloat16().transpose(0, 1)  # [B, H, D] with a non-unit head stride
+    c = case(2, 3, 50, 64, torch.bfloat16)
+    qkv = torch.randn(3, 2, 3, 64).bfloat16().permute(1, 2, 0, 3)  # [B, 3, H, D] with shuffled strides
     p = torch.tensor([33])
-    out["strided-q"] = mismatch(A.launch(qt, k, v, p), A.reference(qt.float(), k, v, p))
+    ref = A.reference(qkv, *c.clone()[1:], p, None, torch.float32)
+    out["strided-qkv"] = mismatch(A.launch(qkv, *c.clone()[1:], p), ref)
     out["counters-zero"] = None if int(A.counters("cpu").abs().sum()) == 0 else "split counters not reset"
     out["engine-tokens"] = _engine_tokens_check()
-    out["tune-logic"] = _tune_check()
+    try:
+        out["tune-logic"] = _tune_check()
+    except RuntimeError as e:  # tune() found no working config: report it here, keep the other cases
+        out["tune-logic"] = str(e)
     return out
 
 
@@ -126,10 +181,11 @@ def _tune_check() -> str | None:
 
     real_launch = A.launch
 
-    def spy_launch(q, k, v, pos, cfg=A.DEFAULT_CONFIG):
+    def spy_launch(*args, **kwargs):
+        cfg = args[7] if len(args) > 7 else kwargs.get("cfg", A.DEFAULT_CONFIG)
         if timed and not timed[-1]:
             timed[-1] = cfg.name
-        return real_launch(q, k, v, pos, cfg)
+        return real_launch(*args, **kwargs)
 
     patches = {(A, "time_graph"): fake_time, (A, "launch"): spy_launch,
                (torch.cuda, "synchronize"): lambda *a, **k: None,
@@ -183,7 +239,7 @@ INTERP_CASES = [
     for dt in ("bfloat16", "float16")
     for pos in (0, 1, length // 2, length - 1)
     for cfg in CONFIGS
-] + ["strided-q", "counters-zero", "engine-tokens", "tune-logic"]
+] + ["strided-qkv", "counters-zero", "engine-tokens", "tune-logic"]
 
 needs_triton = pytest.mark.skipif(triton_error() is not None, reason=f"needs triton: {triton_error()}")
 
@@ -204,16 +260,16 @@ def compile_cubin(cfg: A.Config, arch: int, dtype: str = "bf16", head_dim: int =
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
-    sig |= {"pos_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale": "fp32"}
-    sig |= {f"stride_{n}": "i32" for n in ("qb", "qh", "kb", "kh", "ks", "vb", "vh", "vs", "ob", "oh")}
     names = A._kernel().arg_names
+    sig = {n: f"*{dtype}" for n in ("x_ptr", "k_ptr", "v_ptr", "logn_ptr", "o_ptr")}
+    sig |= {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+    sig |= {n: "i32" for n in names if n.startswith("stride_")} | {"scale": "fp32"}
     sig = {n: sig.get(n, "constexpr") for n in names}
     # what Triton's JIT specializes at full size: every pointer and stride a multiple of 16 (16-byte loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or "stride" in n}
-    constexprs = {"D": head_dim, "BLOCK": cfg.block, "SPLITS": cfg.splits}
+    constexprs = {"D": head_dim, "BLOCK": cfg.block, "SPLITS": cfg.splits, "HAS_LOGN": True}
     src = ASTSource(A._kernel(), sig, constexprs=constexprs, attrs=attrs)
-    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts).asm["cubin"]
 
 
@@ -255,13 +311,17 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA or triton_error() is not None, reas
 @pytest.mark.parametrize("pos", [0, 255, 1039, 2078])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_full_geometry_on_cuda(pos: int, dtype: torch.dtype) -> None:
-    q, k, v = (t.cuda() for t in cache(1, 32, 2079, 128, dtype))
+    c = Case(*(t.cuda() for t in case(1, 32, 2079, 128, dtype, alpha=2.0)))
     p = torch.tensor([pos], device="cuda")
-    ref = A.reference(q.float(), k, v, p)
+    logn = torch.tensor([1.1], device="cuda").to(dtype)
+    ref_c = c.clone()
+    ref = A.reference(*ref_c, p, logn, torch.float32)
     for cfg in A.CONFIGS:
-        y = A.launch(q, k, v, p, cfg)
+        got_c = c.clone()
+        y = A.launch(*got_c, p, logn, cfg)
         assert mismatch(y, ref) is None, (cfg.name, mismatch(y, ref))
-    assert int(A.counters(q.device).abs().sum()) == 0
+        assert torch.equal(got_c.k, ref_c.k) and torch.equal(got_c.v, ref_c.v), cfg.name  # RoPE'd k bit for bit
+    assert int(A.counters(c.k.device).abs().sum()) == 0
 
 
 @pytest.mark.gpu

@@ -8,6 +8,7 @@ noise."""
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -137,6 +138,29 @@ def test_inductor_cpu_matches_eager() -> None:
     engine = FastEngine(model, 320, compile=True)
     assert_same(greedy(engine, ids, steps=4, image_features=feats), eager)
     assert engine.describe()["compile"] == "torch.compile backend=inductor mode=default fullgraph"
+
+
+@pytest.mark.slow  # inductor's C++ codegen
+def test_inductor_writes_the_cache_in_place_through_the_attention_op() -> None:
+    """The fused attention op declares that it writes the KV cache. Functionalization turns that into a
+    copy of the cache unless inductor re-inplaces the op: its generated step must call the op on the cache
+    buffers themselves (a copy would read and write the whole cache, 4.3 GB at 8192, every layer)."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = tiny_model(272, layers=1)
+    ids, feats = prompt(model.config), features(272, layers=1)
+    eager = greedy(FastEngine(model, 320, attention="triton"), ids, steps=3, image_features=feats)
+    engine = FastEngine(model, 320, attention="triton", compile=True)
+    tok = engine.prefill(ids, image_features=feats).argmax(-1)
+    engine._pos.fill_(engine._len)
+    with torch.no_grad():
+        _, codes = run_and_get_code(lambda: engine._step_fn(tok.view(1, 1), engine._pos, engine.max_seq_len))
+    code = "\n".join(codes)
+    assert "torch.ops.qvlq.decode_attention.default(" in code
+    copies = [line for line in code.splitlines() if re.search(r"clone|\.copy_\(|aten\.copy", line)]
+    assert not copies, copies
+    engine.reset()
+    assert_same(greedy(engine, ids, steps=3, image_features=feats), eager)
 
 
 def test_max_seq_len_guard() -> None:
