@@ -322,8 +322,8 @@ def tune(
     layers: int = 8,
 ) -> TuneResult:
     """Time every config on CUDA at the middle of the cache (the mean position of a run that fills it from
-    the start), after checking it against the reference at three positions (output up to its rounding, cache
-    writes exactly); and SDPA as the "sdpa" step runs it (all slots, additive mask; alone, while the kernel's
+    the start), after checking it against the reference at three positions (output and cache writes up to
+    their rounding); and SDPA as the "sdpa" step runs it (all slots, additive mask; alone, while the kernel's
     time includes RoPE and the cache write: the comparison leans to SDPA). `layers` caches rotate so the KV
     read comes from HBM, as in the step."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -349,7 +349,9 @@ def tune(
                 k_ref, v_ref = (t.clone() for t in caches[0])
                 y = launch(qkv, k, v, cos, sin, p, logn, cfg)
                 bad = bad or mismatch(y, reference(qkv, k_ref, v_ref, cos, sin, p, logn, torch.float32))
-                if not bad and not (torch.equal(k, k_ref) and torch.equal(v, v_ref)):
+                # the cache up to rounding here (the tests hold it to bit-exact): a 1-ulp RoPE difference on some
+                # GPU should not keep the kernel from being measured
+                if not bad and (mismatch(k, k_ref.float()) or mismatch(v, v_ref.float())):
                     bad = f"cache write at slot {int(p)} differs from the reference"
             if bad:
                 dropped[cfg.name] = f"mismatch: {bad}"
