@@ -38,8 +38,8 @@ diag_rc=$?
 say "0. rc=$diag_rc"
 
 say "1. CUDA tests"
-timeout -k 5 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_int4_mma.py tests/test_int4_triton.py \
-    tests/test_decode_attention.py tests/test_chat.py \
+timeout -k 5 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_attention.py tests/test_int4_mma.py \
+    tests/test_int4_triton.py tests/test_chat.py "tests/test_fast.py::test_cuda_triton_attention_matches_hf" \
     2>&1 | tee -a "$LOG" | tail -n 15
 tests_rc=$?
 say "1. rc=$tests_rc"
