@@ -33,7 +33,6 @@ itself on CPU tensors under TRITON_INTERPRET=1, which is how the tests run it wi
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .int4_triton import counters, import_triton, mismatch, precompile, time_graph, triton_error
+from .int4_triton import counters, import_triton, interpreting, mismatch, precompile, time_graph, triton_error
 from .model.modeling import apply_rope, rope_cos_sin
 
 
@@ -256,10 +255,6 @@ def launch(
     return out
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 # torch.compile(fullgraph=True) traces the decode step: the launch must be opaque to dynamo. The op writes
 # the caches in place (declared, so functionalization and inductor's reinplacing see it).
 @torch.library.custom_op("qvlq::decode_attention", mutates_args=("k", "v"))
@@ -267,7 +262,7 @@ def _decode_attention_op(
     qkv: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, logn: Tensor | None,
     block: int, splits: int, num_warps: int, num_stages: int,
 ) -> Tensor:  # fmt: skip
-    if qkv.device.type == "cuda" or _interpreting():
+    if qkv.device.type == "cuda" or interpreting():
         return launch(qkv, k, v, cos, sin, pos, logn, Config(block, splits, num_warps, num_stages))
     return reference(qkv, k, v, cos, sin, pos, logn)
 
@@ -337,7 +332,7 @@ def tune(
     logn = torch.tensor([1.25], dtype=dtype, device=device)  # the model passes one from seq_length on
     mid = torch.tensor([max_len // 2], device=device)
     checks = [torch.tensor([p], device=device) for p in sorted({0, max_len // 2, max_len - 1})]
-    counters(device)
+    counters(device)  # allocated here, outside any graph's memory pool (the engine captures after tuning)
     precompile([functools.partial(launch, qkv, *caches[0], cos, sin, mid, logn, cfg) for cfg in configs], device)
     seconds: dict[str, float] = {}
     dropped: dict[str, str] = {}

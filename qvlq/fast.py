@@ -369,11 +369,11 @@ class FastEngine:
         if attention in ("sdpa", "math"):
             return attention, DA.DEFAULT_CONFIG, None
         reason = DA.unavailable(self.device)
+        if attention == "triton" and reason is not None:
+            raise ValueError(f"attention 'triton' unavailable: {reason}")
+        if attention == "triton" and self.device.type != "cuda":
+            return "triton", DA.DEFAULT_CONFIG, None  # CPU: the op's reference (or the interpreted kernel)
         if self.device.type != "cuda" or reason is not None:
-            if attention == "triton" and reason is None:
-                return "triton", DA.DEFAULT_CONFIG, None  # CPU: the op's reference (or the interpreted kernel)
-            if attention == "triton":
-                raise ValueError(f"attention 'triton' unavailable: {reason}")
             return "sdpa", DA.DEFAULT_CONFIG, {"requested": attention, "choice": "sdpa", "why": reason or "not CUDA"}
         attn = model.transformer.h[0].attn
         try:
@@ -384,7 +384,6 @@ class FastEngine:
             return "sdpa", DA.DEFAULT_CONFIG, {"requested": attention, "choice": "sdpa", "why": str(e)[:300]}
         triton_s = res.seconds[res.best.name]
         choice = "triton" if attention == "triton" or triton_s < res.sdpa_s else "sdpa"
-        DA.counters(self.device)  # the kernel's split counters: allocated here, outside any graph's memory pool
         info = {"requested": attention, "choice": choice, "at_position": res.length, "sdpa_us": res.sdpa_s * 1e6,
                 "triton_us": triton_s * 1e6, "triton_config": res.best.name, "dropped": res.dropped}  # fmt: skip
         return choice, res.best, info

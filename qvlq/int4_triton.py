@@ -223,12 +223,17 @@ def _fix_interpreter_scalars() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: kernels run on CPU tensors in Triton's interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def import_triton() -> tuple[Any, Any]:
     """(triton, triton.language) for a kernel definition; under TRITON_INTERPRET=1 with the interpreter fix."""
     import triton
     import triton.language as tl
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         _fix_interpreter_scalars()
     return triton, tl
 
