@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qvlq import decode_attention as A  # noqa: E402
 from qvlq.int4_triton import mismatch, time_graph, triton_error  # noqa: E402
 from qvlq.io import write_json  # noqa: E402
+from qvlq.measure import measure_bandwidth  # noqa: E402
 from qvlq.model.modeling import rope_cos_sin  # noqa: E402
-from qvlq.profile import measure_bandwidth  # noqa: E402
 
 HEADS, HEAD_DIM, LAYERS_PER_STEP = 32, 128, 32
 LENGTHS = (2079, 8223)  # FastEngine max_seq_len of the protocol's runs: 289-token prompt + 1790 / 7934 new

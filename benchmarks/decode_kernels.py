@@ -25,8 +25,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qvlq.fast import FastEngine  # noqa: E402
+from qvlq.int4 import int4_backends  # noqa: E402
 from qvlq.io import write_json  # noqa: E402
-from qvlq.profile import build_random_model, int4_backends, quantize_model_rtn  # noqa: E402
+from qvlq.random_model import build_random_model, quantize_model_rtn  # noqa: E402
 
 CATEGORIES = [  # first match wins; names as CUDA/CPU profilers report them
     ("int4 matmul", r"int4|tinygemm|_weight_int4pack"),

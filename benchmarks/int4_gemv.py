@@ -38,7 +38,7 @@ from qvlq import int4_mma as M  # noqa: E402
 from qvlq import int4_triton as T  # noqa: E402
 from qvlq.int4 import _pack_torch_int4, _tinygemm, time_tinygemm  # noqa: E402
 from qvlq.io import write_json  # noqa: E402
-from qvlq.profile import measure_bandwidth  # noqa: E402
+from qvlq.measure import measure_bandwidth  # noqa: E402
 
 # Qwen-7B LLM inside Qwen-VL: (name, in_features K, out_features N), 32 blocks of each
 FULL_SHAPES = [

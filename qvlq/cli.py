@@ -364,18 +364,9 @@ def profile_cmd(
     import time
 
     from .int4 import env_backend
-    from .profile import (
-        ProfileSettings,
-        check_out_dir,
-        parse_engines,
-        parse_int_list,
-        parse_windowed,
-        render_rich,
-        report_json,
-        report_tables,
-        run_profile,
-        write_report,
-    )
+    from .profile import ProfileSettings, parse_engines, parse_int_list, parse_windowed, run_profile
+    from .profile_report import check_out_dir, report_json, report_tables, write_report
+    from .report import render_rich
 
     ctx = parse_int_list(contexts, "--contexts")
     settings = ProfileSettings(

@@ -83,7 +83,7 @@ def run_demo(opts: DemoOptions, on_event: Event | None = None) -> DemoResult:
     from .mini.evaluate import evaluate_tasks, load_model
     from .mini.tasks import Task, generate_suite, write_finetune_json, write_touchstone_tsv
     from .profile import ProfileSettings, run_profile
-    from .profile import write_report as write_profile
+    from .profile_report import write_report as write_profile
     from .quantize import quantize
 
     emit = on_event or (lambda step, msg: None)
@@ -95,7 +95,8 @@ def run_demo(opts: DemoOptions, on_event: Event | None = None) -> DemoResult:
     work.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from .profile import environment, probe_nvml
+    from .measure import probe_nvml
+    from .profile import environment
 
     dev = torch.device(opts.device)
     res = DemoResult(out=str(out), model=display_path(model_dir), environment=asdict(environment(dev, probe_nvml(dev))))

@@ -572,3 +572,12 @@ def _pack_torch_int4(backend: str, codes: Tensor, zeros: Tensor, scales: Tensor,
         out["sz32"] = sz
         out["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
     return out
+
+
+def int4_backends(model: nn.Module) -> dict[str, int]:
+    """How many QuantLinear layers of ``model`` each backend serves (for reports)."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            out[m.backend] = out.get(m.backend, 0) + 1
+    return out

@@ -15,25 +15,22 @@ measurement adds no host synchronisation to the decode loop; on CPU, perf_counte
 on weight values); the Int4 variant is round-to-nearest 4-bit g128 sym packed from the same weights into
 QuantLinear buffers in the official AutoGPTQ v1 format, converted in place one block at a time.
 
-Library functions take explicit arguments and return dataclasses; `render_*`/`write_report` turn a
-`ProfileReport` into tables, markdown, SVG, PNG and JSON. The CLI (`qvlq profile`) is a thin wrapper.
+Homes: this file holds the protocol (prompts, cells, budget, the run); qvlq.measure how each figure is
+taken, qvlq.random_model the random-weight models, qvlq.profile_report the rendering of a `ProfileReport`
+(tables, markdown, SVG, PNG, JSON). Library functions take explicit arguments and return dataclasses; the
+CLI (`qvlq profile`) is a thin wrapper.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
-import importlib
-import json
-import math
 import os
 import platform
 import re
 import statistics
-import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from importlib import resources
@@ -44,8 +41,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from .int4 import int4_backends
+from .measure import (
+    LatencyStats,
+    MemoryReading,
+    MemorySampler,
+    NvmlProbe,
+    RunTiming,
+    bound_tok_s,
+    downsample,
+    free_memory,
+    latency_stats,
+    measure_bandwidth,
+    probe_nvml,
+    timed_generate,
+)
 from .model.loading import QUANTIZED_LINEARS
-from .report import TableSpec, markdown_tables, md_escape, render_rich, save_tables_svg  # noqa: F401 (cli imports render_rich here)
+from .random_model import build_random_model, quantize_model_rtn
 
 Log = Callable[[str], None]
 
@@ -84,54 +96,7 @@ class EngineUnavailable(RuntimeError):
     pass
 
 
-# ------------------------------------------------------------------------------------ statistics
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]; nan for no values."""
-    if len(values) == 0:
-        return float("nan")
-    return float(np.percentile(np.asarray(values, dtype=float), q))
-
-
-@dataclass
-class LatencyStats:
-    n: int
-    mean_ms: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    stdev_ms: float
-    min_ms: float
-    max_ms: float
-
-
-def latency_stats(lat_ms: Sequence[float]) -> LatencyStats:
-    """Per-token latency summary; stdev is the sample stdev (0 for a single value)."""
-    x = [float(v) for v in lat_ms]
-    if not x:
-        nan = float("nan")
-        return LatencyStats(0, nan, nan, nan, nan, nan, nan, nan)
-    return LatencyStats(
-        n=len(x),
-        mean_ms=statistics.fmean(x),
-        p50_ms=percentile(x, 50),
-        p90_ms=percentile(x, 90),
-        p99_ms=percentile(x, 99),
-        stdev_ms=statistics.stdev(x) if len(x) > 1 else 0.0,
-        min_ms=min(x),
-        max_ms=max(x),
-    )
-
-
-def bound_tok_s(
-    bandwidth_gbs: float, weight_bytes: float, kv_bytes_per_token: float, start_ctx: float, end_ctx: float
-) -> float:
-    """Batch-1 decode upper bound averaged over a run from start_ctx to end_ctx tokens of context:
-    every token reads all weights once plus the KV cache so far; bytes are linear in the position,
-    so the run's average tok/s is bandwidth / (weights + KV at the mean context)."""
-    mean_ctx = (start_ctx + end_ctx) / 2
-    return bandwidth_gbs * 1e9 / (weight_bytes + kv_bytes_per_token * mean_ctx)
-
-
+# ------------------------------------------------------------------------------------ the bound
 def protocol_bound(gpu: str, precision: str, context: int) -> float:
     """The protocols.md table: nominal bandwidth, 14.20 / 4.61 GB per token, 0.5 MiB KV, 258 -> context."""
     return bound_tok_s(
@@ -141,17 +106,6 @@ def protocol_bound(gpu: str, precision: str, context: int) -> float:
 
 def nominal_peak_gbs(device_name: str) -> float | None:
     return next((v for k, v in NOMINAL_PEAK_GBS if k in device_name), None)
-
-
-def downsample(values: Sequence[float], max_points: int = 400) -> tuple[list[float], list[float]]:
-    """(bucket centre positions, bucket means): keeps the report small, plots stay faithful."""
-    n = len(values)
-    if n <= max_points:
-        return [float(i) for i in range(n)], [float(v) for v in values]
-    edges = np.linspace(0, n, max_points + 1).astype(int)
-    arr = np.asarray(values, dtype=float)
-    pos = [float((a + b - 1) / 2) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    return pos, [float(arr[a:b].mean()) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 # ------------------------------------------------------------------------------------ weight accounting
@@ -230,116 +184,6 @@ def weight_accounting(model: nn.Module) -> WeightAccounting:
     return WeightAccounting(float_params, linear_params, linear_bytes, checkpoint, resident, read, kv)
 
 
-# ------------------------------------------------------------------------------------ random models
-def _fill_random(name: str, p: torch.Tensor, config: Any, g: torch.Generator) -> None:
-    """Initialise one tensor in place, on its device (same rules as qvlq.checkpoint's init)."""
-    from .model.vision import sincos_pos_embed_2d
-
-    if name.endswith("attn_pool.pos_embed"):
-        p.copy_(sincos_pos_embed_2d(p.shape[1], int(round(p.shape[0] ** 0.5))))
-        return
-    norms = (".ln_1.", ".ln_2.", "ln_f.", "ln_pre.", "ln_post.", "ln_q.", "ln_kv.")
-    if any(n in name for n in norms):
-        p.fill_(1.0 if name.endswith("weight") else 0.0)
-        return
-    if name.endswith("bias"):
-        p.zero_()
-        return
-    std = float(config.initializer_range)
-    if name.endswith("visual.positional_embedding"):
-        std = p.shape[1] ** -0.5
-    elif name.endswith("visual.proj"):
-        std = p.shape[0] ** -0.5
-    elif name.startswith("transformer.h.") and name.endswith("c_proj.weight"):
-        std = std / (2 * config.num_hidden_layers) ** 0.5
-    p.normal_(0.0, std, generator=g)
-
-
-def build_random_model(size: str, device: torch.device, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Any:
-    """A Qwen-VL-Chat with seeded random weights allocated and generated on `device` (no disk, no host copy)."""
-    from .checkpoint import preset_config
-    from .model.modeling import QWenLMHeadModel
-
-    config = preset_config(size)
-    with torch.device("meta"):
-        model = QWenLMHeadModel(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            _fill_random(name, p, config, g)
-    model.requires_grad_(False)
-    model.eval()
-    model.config.dtype = dtype
-    model.name_or_path = f"random:{size}"
-    return model
-
-
-def rtn_quantize(
-    w: torch.Tensor, bits: int = 4, group_size: int = 128
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest symmetric codes of W [out, in] (qvlq.gptq.round_to_nearest, the RTN of the
-    quantize baseline): codes uint8 [out, in], scales fp32 [G, out], zeros int32 [G, out], g_idx int32."""
-    from .gptq import QuantSpec, round_to_nearest
-
-    r = round_to_nearest(w, QuantSpec(bits=bits, group_size=group_size))
-    return r.codes, r.scales, r.zeros, r.g_idx
-
-
-def quantize_model_rtn(
-    model: Any, bits: int = 4, group_size: int = 128, dtype: torch.dtype = torch.float16, backend: str = "auto"
-) -> dict[str, int]:
-    """Turn a float model into the official Int4 layout in place, one linear at a time (peak memory:
-    the float model plus one layer's temporaries): RTN codes packed by qvlq.int4.pack_gptq_v1 into
-    QuantLinear buffers, prepared for `backend`; the other weights cast to `dtype` (the official Int4
-    checkpoint keeps them fp16). Returns how many layers each backend serves."""
-    from .int4 import QuantLinear, pack_gptq_v1
-
-    backends: dict[str, int] = {}
-    with torch.no_grad():
-        for block in model.transformer.h:
-            for name in QUANTIZED_LINEARS:
-                parent_name, attr = name.split(".")
-                parent = getattr(block, parent_name)
-                lin = getattr(parent, attr)
-                codes, scales, zeros, g_idx = rtn_quantize(lin.weight, bits, group_size)
-                packed = pack_gptq_v1(codes, scales, zeros, g_idx, bits=bits)
-                del codes, scales, zeros
-                ql = QuantLinear(lin.in_features, lin.out_features, bits=bits, group_size=group_size,
-                                 device=lin.weight.device)  # fmt: skip
-                for k, v in packed.items():
-                    getattr(ql, k).copy_(v)
-                if lin.bias is not None:
-                    ql.bias.copy_(lin.bias)
-                del packed
-                setattr(parent, attr, ql)
-                del lin
-                # torch's int4 kernels need whole groups; a ragged tiny layer falls back to dequant
-                # lean: the device keeps only the kernel's copy of the weight (memory as the seed measures it)
-                ql.prepare(backend if ql.in_features % group_size == 0 else "dequant", lean=ql.bias.is_cuda)
-                backends[ql.backend] = backends.get(ql.backend, 0) + 1
-        for p in model.parameters():  # QuantLinear holds buffers only, so its caches are untouched
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-    cfg = model.config
-    cfg.quantization_config = {
-        "bits": bits, "group_size": group_size, "damp_percent": 0.01, "desc_act": False, "static_groups": False,
-        "sym": True, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model",
-        "quant_method": "gptq",
-    }  # fmt: skip
-    cfg.bf16, cfg.fp16, cfg.fp32 = dtype == torch.bfloat16, dtype == torch.float16, dtype == torch.float32
-    cfg.dtype = dtype
-    return backends
-
-
-def int4_backends(model: nn.Module) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for m in model.modules():
-        if _is_quant(m):
-            out[m.backend] = out.get(m.backend, 0) + 1
-    return out
-
-
 # ------------------------------------------------------------------------------------ prompts
 def bundled_tokenizer(n_queries: int = 256) -> Any:
     from .tokenizer import QWenTokenizer
@@ -376,267 +220,6 @@ def example_pixels(image_size: int, device: torch.device) -> torch.Tensor:
 
     with resources.as_file(resources.files("qvlq") / "assets" / "example.png") as p:
         return preprocess(load_image(p), image_size)[None].to(device)
-
-
-# ------------------------------------------------------------------------------------ devices
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    """Give freed device memory back between cells (gc first: engines can sit in reference cycles)."""
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-def measure_bandwidth(device: torch.device, nbytes: int | None = None, iters: int = 10) -> float:
-    """Device-to-device copy bandwidth in GB/s (= 2 * bytes / time: every byte is read and written)."""
-    if device.type == "cuda":
-        if nbytes is None:
-            free, _ = torch.cuda.mem_get_info(device)
-            nbytes = int(min(2 * 2**30, free // 4))
-        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize(device)
-        seconds = start.elapsed_time(end) / 1e3 / iters
-        del src, dst
-        free_memory(device)
-    else:
-        nbytes = nbytes or 64 * 2**20
-        src = torch.ones(nbytes, dtype=torch.uint8)
-        dst = torch.empty_like(src)
-        dst.copy_(src)
-        times = []
-        for _ in range(max(3, iters // 3)):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t0)
-        seconds = min(times)
-    return 2 * nbytes / seconds / 1e9
-
-
-@dataclass
-class NvmlProbe:
-    """NVML access for one CUDA device; every reading is None (rendered "n/a") when unavailable."""
-
-    status: str  # "ok" or "n/a: <reason>"
-    handle: Any = None
-    module: Any = None
-    driver: str | None = None
-
-    def device_used(self) -> int | None:
-        if self.handle is None:
-            return None
-        try:
-            return int(self.module.nvmlDeviceGetMemoryInfo(self.handle).used)
-        except Exception:
-            return None
-
-    def process_used(self, pid: int) -> int | None:
-        """This process's memory as NVML sees it; None when NVML cannot attribute it (container PID
-        namespaces hide our pid, some drivers report no per-process usage)."""
-        if self.handle is None:
-            return None
-        try:
-            for p in self.module.nvmlDeviceGetComputeRunningProcesses(self.handle):
-                if p.pid == pid and p.usedGpuMemory is not None:
-                    return int(p.usedGpuMemory)
-        except Exception:
-            return None
-        return None
-
-
-def probe_nvml(device: torch.device) -> NvmlProbe:
-    if device.type != "cuda":
-        return NvmlProbe("n/a: not a CUDA device")
-    try:
-        nvml = importlib.import_module("pynvml")  # nvidia-ml-py
-        nvml.nvmlInit()
-    except Exception as e:  # not installed, no driver library, no permission...
-        return NvmlProbe(f"n/a: NVML unavailable ({type(e).__name__}: {str(e)[:80]})")
-    handle = None
-    with contextlib.suppress(Exception):  # the UUID survives CUDA_VISIBLE_DEVICES remapping
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        handle = nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
-    if handle is None:
-        try:
-            handle = nvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        except Exception as e:
-            return NvmlProbe(f"n/a: no NVML handle for {device} ({type(e).__name__})")
-    driver = None
-    with contextlib.suppress(Exception):
-        d = nvml.nvmlSystemGetDriverVersion()
-        driver = d.decode() if isinstance(d, bytes) else str(d)
-    return NvmlProbe("ok", handle, nvml, driver)
-
-
-def host_rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-@dataclass
-class MemoryReading:
-    allocated: int | None = None
-    reserved: int | None = None
-    nvml_process: int | None = None
-    nvml_device: int | None = None
-    host_rss: int | None = None
-
-
-class MemorySampler:
-    """Peak memory over a block: torch allocator peaks (reset on entry) plus NVML process/device and host
-    RSS sampled by a background thread (sleeping between samples, so it barely touches the GIL)."""
-
-    def __init__(self, device: torch.device, nvml: NvmlProbe, interval_s: float = 0.05) -> None:
-        self.device, self.nvml, self.interval = device, nvml, interval_s
-        self.reading = MemoryReading()
-        self._pid = os.getpid()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        r = self.reading
-        rss = host_rss()
-        r.host_rss = max(r.host_rss or 0, rss)
-        proc, dev = self.nvml.process_used(self._pid), self.nvml.device_used()
-        if proc is not None:
-            r.nvml_process = max(r.nvml_process or 0, proc)
-        if dev is not None:
-            r.nvml_device = max(r.nvml_device or 0, dev)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self) -> MemorySampler:
-        free_memory(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._sample()
-        self._thread = threading.Thread(target=self._loop, name="qvlq-memory-sampler", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        with contextlib.suppress(Exception):
-            sync(self.device)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self._sample()
-        if self.device.type == "cuda":
-            self.reading.allocated = int(torch.cuda.max_memory_allocated(self.device))
-            self.reading.reserved = int(torch.cuda.max_memory_reserved(self.device))
-
-
-# ------------------------------------------------------------------------------------ timing
-class _CudaTimer:
-    """Events recorded per token, read after one synchronize at the end (no host syncs in the loop)."""
-
-    def __init__(self, n_marks: int, device: torch.device) -> None:
-        self.device = device
-        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(n_marks + 1)]
-        self.i = 0
-
-    def start(self) -> None:
-        torch.cuda.synchronize(self.device)
-        self.events[0].record()
-        self.i = 1
-
-    def mark(self) -> None:
-        self.events[self.i].record()
-        self.i += 1
-
-    def finish(self) -> list[float]:
-        torch.cuda.synchronize(self.device)
-        e0 = self.events[0]
-        return [e0.elapsed_time(e) for e in self.events[1 : self.i]]
-
-
-class _CpuTimer:
-    def __init__(self, n_marks: int, device: torch.device) -> None:
-        self.t0 = 0.0
-        self.marks: list[float] = []
-
-    def start(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def mark(self) -> None:
-        self.marks.append(time.perf_counter())
-
-    def finish(self) -> list[float]:
-        return [(t - self.t0) * 1e3 for t in self.marks]
-
-
-@dataclass
-class RunTiming:
-    prompt_tokens: int
-    tokens: list[int]
-    marks_ms: list[float]  # time from the request to each generated token (the first = TTFT)
-    aborted: bool = False
-
-    @property
-    def ttft_ms(self) -> float:
-        return self.marks_ms[0]
-
-    @property
-    def latencies_ms(self) -> list[float]:
-        m = self.marks_ms
-        return [b - a for a, b in zip(m[:-1], m[1:], strict=True)]
-
-    @property
-    def decode_tok_s(self) -> float | None:
-        if len(self.marks_ms) < 2:
-            return None
-        return (len(self.marks_ms) - 1) / ((self.marks_ms[-1] - self.marks_ms[0]) / 1e3)
-
-    @property
-    def e2e_tok_s(self) -> float:
-        return len(self.marks_ms) / (self.marks_ms[-1] / 1e3)
-
-    @property
-    def steady_tok_s(self) -> float | None:
-        """1 / median step latency: ignores a first step that compiles or captures a graph."""
-        lat = self.latencies_ms
-        return 1e3 / statistics.median(lat) if lat else None
-
-
-def timed_generate(
-    engine: Any, ids: torch.Tensor, pixels: torch.Tensor | None, n_new: int, device: torch.device,
-    deadline: float | None = None,
-) -> RunTiming:
-    """Greedy generation of exactly n_new tokens (EOS ignored), timestamped per token. Tokens stay on
-    the device until the end; past `deadline` (time.monotonic) the run stops early (aborted=True)."""
-    timer = (_CudaTimer if device.type == "cuda" else _CpuTimer)(n_new, device)
-    aborted = False
-    with torch.no_grad():
-        engine.reset()
-        timer.start()
-        tok = engine.prefill(ids, images=pixels).argmax(-1)
-        timer.mark()
-        toks = [tok]
-        for _ in range(n_new - 1):
-            if deadline is not None and time.monotonic() > deadline:
-                aborted = True
-                break
-            tok = engine.step(tok).argmax(-1)
-            timer.mark()
-            toks.append(tok)
-        marks = timer.finish()
-        tokens = torch.cat(toks).tolist()
-    return RunTiming(int(ids.shape[1]), tokens, marks, aborted)
 
 
 # ------------------------------------------------------------------------------------ engines
@@ -1469,276 +1052,7 @@ def report_notes(s: ProfileSettings, env: Environment, bandwidth: float, prompt:
     return notes
 
 
-# ------------------------------------------------------------------------------------ rendering
-def fmt(x: float | None, nd: int = 1) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:,.{nd}f}"
-
-
-def gb(x: int | None) -> str:
-    return "n/a" if x is None else f"{x / 1e9:.2f}"
-
-
-def _speed(report: ProfileReport, prec: str, eng: str, ctx: int) -> SpeedCell | None:
-    return next((c for c in report.speed if (c.precision, c.engine, c.context) == (prec, eng, ctx)), None)
-
-
-def _mem(report: ProfileReport, prec: str, eng: str, cell: str) -> MemoryCell | None:
-    return next((m for m in report.memory if (m.precision, m.engine, m.cell) == (prec, eng, cell)), None)
-
-
-def _speed_text(c: SpeedCell | None) -> str:
-    if c is None:
-        return "-"
-    if c.decode_tok_s is None:
-        return c.status
-    mark = "~" if c.mode == "windowed" else ""
-    flag = "" if c.status == "ok" else " *"
-    return f"{mark}{c.decode_tok_s:.1f} / {mark}{c.e2e_tok_s:.1f}{flag}"
-
-
-def _mem_text(m: MemoryCell | None) -> str:
-    if m is None:
-        return "-"
-    if m.allocated_bytes is None and m.host_rss_bytes is None:
-        return m.status
-    if m.allocated_bytes is None:  # CPU: host RSS is the only figure
-        return f"RSS {gb(m.host_rss_bytes)}"
-    return f"{gb(m.allocated_bytes)} / {gb(m.nvml_process_bytes)}"
-
-
-def report_tables(report: ProfileReport) -> list[TableSpec]:
-    s = report.settings
-    ctxs: list[int] = s["contexts"]
-    cmin, cmax = min(ctxs), max(ctxs)
-    rows_pe = list(dict.fromkeys((c.precision, c.engine) for c in report.speed))
-    on_gpu = report.environment.device.startswith("cuda")
-    mem_unit = "alloc / NVML proc GB" if on_gpu else "host RSS GB"
-
-    main = TableSpec(
-        f"Qwen-VL-Chat speed and memory ({report.environment.device_name})",
-        ["precision", "engine"] + [f"tok/s @{c} (decode / e2e)" for c in ctxs]
-        + [f"peak encode {cmin} ({mem_unit})", f"peak generate {cmax} ({mem_unit})"],
-        [],
-        "~ = windowed estimate; * = see status in the detail table. Seed rows: the README's A100 figures.",
-    )
-    for prec, eng in rows_pe:
-        main.rows.append([prec, eng] + [_speed_text(_speed(report, prec, eng, c)) for c in ctxs]
-                         + [_mem_text(_mem(report, prec, eng, f"encode {cmin}")),
-                            _mem_text(_mem(report, prec, eng, f"generate {cmax}"))])  # fmt: skip
-    if {2048, 8192} <= set(ctxs):
-        for prec, ref in report.seed_reference.items():
-            main.rows.append([f"{prec} (seed)", "A100 HF"] + [
-                f"{ref[f'tok_s@{c}']:.2f}" if f"tok_s@{c}" in ref else "-" for c in ctxs
-            ] + [f"{ref['peak_gb@encode 2048']:.2f}" if cmin == 2048 else "-",
-                 f"{ref['peak_gb@generate 8192']:.2f}" if cmax == 8192 else "-"])  # fmt: skip
-    tables = [main]
-    if not {2048, 8192} <= set(ctxs):
-        tables.append(TableSpec(
-            "Seed reference (Qwen-VL README, A100-SXM4-80G, HF)",
-            ["precision", "tok/s @2048", "tok/s @8192", "peak GB encode 2048", "peak GB generate 8192"],
-            [[p, *(f"{r[k]:.2f}" for k in ("tok_s@2048", "tok_s@8192", "peak_gb@encode 2048",
-                                            "peak_gb@generate 8192"))] for p, r in report.seed_reference.items()],
-        ))  # fmt: skip
-
-    detail = TableSpec(
-        "Speed detail",
-        ["precision", "engine", "ctx", "mode", "runs", "prompt", "new", "TTFT ms", "prefill tok/s", "decode tok/s",
-         "+-sd", "e2e tok/s", "p50 ms", "p90 ms", "p99 ms", "sd ms", "bound tok/s", "% bound", "eff GB/s", "status"],
-        [],
-    )  # fmt: skip
-    for c in report.speed:
-        lat = c.latency
-        detail.rows.append([
-            c.precision, c.engine, str(c.context), c.mode, f"{c.runs}/{c.runs_planned}", str(c.prompt_tokens),
-            str(c.new_tokens), fmt(c.ttft_ms, 0), fmt(c.prefill_tok_s, 0), fmt(c.decode_tok_s, 2),
-            fmt(c.decode_tok_s_stdev, 2), fmt(c.e2e_tok_s, 2), fmt(lat and lat.p50_ms, 2), fmt(lat and lat.p90_ms, 2),
-            fmt(lat and lat.p99_ms, 2), fmt(lat and lat.stdev_ms, 2), fmt(c.bound_tok_s, 0), fmt(c.pct_of_bound, 1),
-            fmt(c.effective_gbs, 0 if (c.effective_gbs or 0) >= 100 else 2),
-            c.status + (f" ({c.note})" if c.note else ""),
-        ])  # fmt: skip
-    tables.append(detail)
-
-    mem = TableSpec(
-        "Peak memory (GB = 1e9 bytes)",
-        ["precision", "engine", "cell", "torch alloc", "torch reserved", "NVML process", "NVML device", "host RSS",
-         "s", "status"],
-        [[m.precision, m.engine, m.cell, gb(m.allocated_bytes), gb(m.reserved_bytes), gb(m.nvml_process_bytes),
-          gb(m.nvml_device_bytes), gb(m.host_rss_bytes), fmt(m.seconds, 1), m.status + (f" ({m.note})" if m.note
-          else "")] for m in report.memory],
-    )  # fmt: skip
-    tables.append(mem)
-
-    models = TableSpec(
-        "Models",
-        ["precision", "source", "dtype", "params (float)", "weights GB", "resident GB", "bits/w linears",
-         "bits/w overall", "read GB/token", "KV KiB/token", "int4 kernels", "build s"],
-        [[m.precision, m.source + (" (RANDOM)" if m.random_weights else ""), m.dtype, f"{m.float_params:,}",
-          f"{gb(m.weight_bytes)} {m.weight_bytes_kind}", gb(m.resident_bytes), f"{m.bits_per_weight_linears:.3f}",
-          f"{m.bits_per_weight_overall:.3f}", f"{m.read_bytes_per_token / 1e9:.3f}",
-          f"{m.kv_bytes_per_token / 1024:.1f}", ", ".join(f"{k} x{v}" for k, v in m.int4_backends.items()) or "-",
-          fmt(m.build_seconds, 1)] for m in report.models],
-    )  # fmt: skip
-    tables.append(models)
-
-    if report.crosschecks:
-        tables.append(TableSpec(
-            "Greedy cross-check (first tokens of both engines, same weights and prompt)",
-            ["precision", "ctx", "engines", "agree", "first divergence", "note"],
-            [[x.precision, str(x.context), " vs ".join(x.engines), f"{x.agree}/{x.compared}",
-              "-" if x.first_divergence is None else str(x.first_divergence), x.note] for x in report.crosschecks],
-        ))  # fmt: skip
-    if report.engines:
-        tables.append(TableSpec(
-            "Engines (describe())", ["cell", "description"],
-            [[k, ", ".join(f"{a}={b}" for a, b in v.items())] for k, v in report.engines.items()],
-        ))  # fmt: skip
-    e = report.environment
-    env_rows = [
-        ["device", f"{e.device} ({e.device_name}, cc {e.compute_capability or '-'}, {gb(e.device_memory_bytes)} GB)"],
-        ["driver / CUDA", f"{e.driver or 'n/a'} / {e.cuda or 'n/a'}"],
-        ["torch / transformers / qvlq", f"{e.torch} / {e.transformers} / {e.qvlq}"],
-        ["python", e.python], ["CPU", f"{e.cpu} ({e.cpu_threads} threads, torch uses {e.torch_threads})"],
-        ["NVML", e.nvml],
-        ["bandwidth", f"{report.bandwidth_gbs:.0f} GB/s measured (device copy)"
-         + (f"; nominal peak {report.nominal_peak_gbs:.0f} GB/s" if report.nominal_peak_gbs else "")],
-        ["int4 kernels", ("; ".join(f"{m.precision}: {m.int4_backends}" for m in report.models if m.int4_backends)
-                          + f" (requested: {s.get('int4_kernel', 'auto')})")
-         if any(m.int4_backends for m in report.models) else "-"],
-        *([["int4 kernel choice", "; ".join(_selection_text(c) for m in report.models for c in m.int4_selection)]]
-          if any(m.int4_selection for m in report.models) else []),
-        ["fast engine compile", s.get("fast_compile", "auto") + (f", kv_block {s['kv_block']}" if s.get("kv_block")
-                                                                 else "")],
-        ["fast engine attention", f"requested {s.get('attention', 'sdpa')}; "
-         + ("; ".join(f"{k}: {v.get('attention')}" for k, v in report.engines.items() if v.get("engine") == "fast")
-            or "-")],
-        ["weights", "RANDOM (" + str(s["random_weights"]) + " geometry)" if s.get("random_weights") else "checkpoint"],
-        ["started / wall time", f"{report.started} / {report.seconds:.0f} s"],
-    ]  # fmt: skip
-    tables.append(TableSpec("Environment", ["", ""], env_rows))
-    return tables
-
-
-def _selection_text(c: dict[str, Any]) -> str:
-    """One measured int4 kernel choice: shape, timings at one row, the winner."""
-    parts = []
-    for kernel in ("int4_cuda", "triton", "mma"):
-        if f"{kernel}_us" in c:
-            cfg = f" [{c[f'{kernel}_config']}]" if f"{kernel}_config" in c else ""
-            parts.append(f"{kernel} {c[f'{kernel}_us']:.1f} us{cfg}")
-    return f"{c['in_features']}->{c['out_features']}: {', '.join(parts)} -> {c['choice']}"
-
-
-def render_markdown(report: ProfileReport, tables: list[TableSpec], figures: Sequence[str] = ()) -> str:
-    lines = [f"# qvlq profile: {report.environment.device_name}", ""]
-    lines += [f"- {md_escape(n)}" for n in report.notes] + [""]
-    lines += markdown_tables(tables)
-    for f in figures:
-        lines += [f"![{f}]({f})", ""]
-    return "\n".join(lines)
-
-
-def plot_speed(report: ProfileReport, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ctxs = report.settings["contexts"]
-    fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4.2), squeeze=False)
-    for ax, ctx in zip(axes[0], ctxs, strict=True):
-        for c in (c for c in report.speed if c.context == ctx and c.series_latency_ms):
-            lat = np.asarray(c.series_latency_ms)
-            label = f"{c.precision}/{c.engine}" + (" (windows)" if c.mode == "windowed" else "")
-            if c.mode == "windowed":
-                ax.plot(c.series_position, 1e3 / lat, "o--", label=label)
-            else:
-                k = max(1, len(lat) // 50)  # light smoothing of the (already bucketed) series
-                smooth = np.convolve(lat, np.ones(k) / k, mode="valid")
-                ax.plot(c.series_position[k - 1 :], 1e3 / smooth, label=label)
-        ax.set_title(f"context {ctx}: decode speed along the generation")
-        ax.set_xlabel("generated token")
-        ax.set_ylabel("tok/s (1 / per-token latency)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{report.environment.device_name}" + (" - RANDOM weights" if report.settings.get("random_weights")
-                                                       else ""))  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_memory(report: ProfileReport, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = [m for m in report.memory if any(v is not None for v in (m.allocated_bytes, m.host_rss_bytes))]
-    series = [("torch alloc", "allocated_bytes"), ("torch reserved", "reserved_bytes"),
-              ("NVML process", "nvml_process_bytes"), ("NVML device", "nvml_device_bytes"),
-              ("host RSS", "host_rss_bytes")]  # fmt: skip
-    series = [(n, a) for n, a in series if any(getattr(m, a) is not None for m in cells)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cells) + 2), 4.5))
-    x = np.arange(len(cells))
-    w = 0.8 / max(len(series), 1)
-    for i, (name, attr) in enumerate(series):
-        vals = [(getattr(m, attr) or 0) / 1e9 for m in cells]
-        ax.bar(x + (i - (len(series) - 1) / 2) * w, vals, w, label=name)
-    ax.set_xticks(x, [f"{m.precision}/{m.engine}\n{m.cell}" for m in cells], fontsize=7)
-    ax.set_ylabel("peak GB (1e9 bytes)")
-    ax.set_title(f"Peak memory - {report.environment.device_name}")
-    ax.grid(axis="y", alpha=0.3)
-    if series:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def report_json(report: ProfileReport) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(report), default=str))
-
-
-def default_out_dir(device: str | torch.device | None = None) -> Path:
-    """reports/profile/<device-slug>-<date>/ for the device a profile runs on."""
-    from .model.loading import resolve_device
-
-    d = resolve_device(device)
-    name = torch.cuda.get_device_name(d) if d.type == "cuda" and torch.cuda.is_available() else "cpu"
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return Path("reports") / "profile" / f"{slug}-{datetime.now():%Y-%m-%d}"
-
-
-def check_out_dir(out: str | os.PathLike | None, device: str | None, overwrite: bool) -> Path:
-    """The report directory, refused before any work if it exists and overwrite is off."""
-    from .io import OutputExistsError
-
-    path = Path(out) if out is not None else default_out_dir(device)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists (pass --overwrite to replace it)")
-    return path
-
-
-def write_report(report: ProfileReport, out: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
-    """report.json, report.md, report.svg, speed.png and memory.png, written atomically into `out`."""
-    from .io import atomic_dir, atomic_write_text
-
-    out = Path(out) if out is not None else default_out_dir(report.settings.get("device"))
-    tables = report_tables(report)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        atomic_write_text(tmp / "report.json", json.dumps(report_json(report), indent=2) + "\n")
-        plot_speed(report, tmp / "speed.png")
-        plot_memory(report, tmp / "memory.png")
-        atomic_write_text(tmp / "report.md", render_markdown(report, tables, ["speed.png", "memory.png"]))
-        save_tables_svg(tmp / "report.svg", tables, report.notes, title="qvlq profile")
-    return out
-
-
 __all__ = [
-    "CrossCheck", "Environment", "LatencyStats", "MemoryCell", "ModelInfo", "ProfileRefused", "ProfileReport",
-    "ProfileSettings", "SpeedCell", "WeightAccounting", "bound_tok_s", "build_random_model", "latency_stats",
-    "measure_bandwidth", "percentile", "probe_nvml", "protocol_bound", "quantize_model_rtn", "report_tables",
-    "rtn_quantize", "run_profile", "timed_generate", "weight_accounting", "write_report",
+    "CrossCheck", "Environment", "MemoryCell", "ModelInfo", "ProfileRefused", "ProfileReport", "ProfileSettings",
+    "SpeedCell", "WeightAccounting", "protocol_bound", "run_profile", "weight_accounting",
 ]  # fmt: skip

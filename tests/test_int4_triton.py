@@ -291,7 +291,7 @@ if __name__ == "__main__" and "--interpret" in sys.argv:
 
 def test_kernel_selection_reports_what_was_measured(monkeypatch) -> None:
     from qvlq import int4, int4_mma, int4_triton
-    from qvlq.profile import _selection_text
+    from qvlq.profile_report import _selection_text
 
     monkeypatch.setattr(int4, "FASTEST", {})
     monkeypatch.setattr(int4_triton, "TUNED", {})

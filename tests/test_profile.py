@@ -12,21 +12,10 @@ from typer.testing import CliRunner
 
 import qvlq.profile as prof
 from qvlq.cli import app
-from qvlq.profile import (
-    MemorySampler,
-    ProfileRefused,
-    ProfileSettings,
-    bound_tok_s,
-    downsample,
-    latency_stats,
-    percentile,
-    probe_nvml,
-    protocol_bound,
-    report_tables,
-    rtn_quantize,
-    run_profile,
-    write_report,
-)
+from qvlq.measure import MemorySampler, bound_tok_s, downsample, latency_stats, percentile, probe_nvml
+from qvlq.profile import ProfileRefused, ProfileSettings, protocol_bound, run_profile
+from qvlq.profile_report import report_tables, write_report
+from qvlq.random_model import rtn_quantize
 
 # The image prompt is 258 tokens + template and text (289 in all): 292 -> 34 new tokens.
 TINY = {"random_weights": "tiny", "device": "cpu", "runs": [1], "warmup_tokens": 4, "crosscheck_tokens": 8}
