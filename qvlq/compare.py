@@ -1,17 +1,8 @@
 """BF16 vs Int4 quality on TouchStone (spec/protocols.md): the same prompts answered by both models
 through the chat API, judged by any OpenAI-compatible endpoint and, judge-free, compared token by token.
 
-Data. The TouchStone TSV (columns index, image, question, human_annotation, gpt4_ha_answer, category,
-task_name). The public README decodes `image` as one base64 string per row; how the real file stores
-the several pictures of a multi-image row is UNCONFIRMED, so `split_image_cell` accepts every plausible
-encoding: one base64 string; a JSON (or Python-literal) list of base64 strings, as VLMEvalKit-style TSVs
-write them and as qvlq writes them; base64 strings separated by `,`, `;`, `|` or newlines/spaces (none
-of which is in the base64 alphabet; a whitespace-wrapped single string is told apart from several
-strings by each piece starting with an image signature); `data:image/...;base64,` prefixes are removed.
-`category` may be a comma-separated list: the item counts in each category. Language: a question with
-at least one Han ideograph (CJK Unified Ideographs, Extension A or Compatibility) is zh, otherwise en.
-The prompt is `Picture k: <img>touchstone/{index}_{k}.png</img>\\n` per picture, then the question; the
-decoded PIL pictures are passed as `images=` in that order, so the paths are never read.
+Data: qvlq.touchstone (the TSV, its items and slices). Judge: qvlq.judge (the pairwise prompt, the scores,
+the OpenAI-compatible client); this file runs them over a plan, with caches.
 
 Caches (JSONL under `--cache`, default `<out>/cache`): every process appends to its own part
 (`{kind}.{part}.jsonl`, part `main` or `rank{i}-of-{n}`) with one write() per record, and every reader
@@ -20,8 +11,8 @@ line; the next writer starts a new line first). Keys: generations by (model fing
 decoding id); teacher forcing by (both fingerprints, item uid, decoding id, sha256 of the BF16
 response); judge rounds by sha256 of (judge model, messages, temperature). A model fingerprint is
 sha256 of config.json plus the names and sizes of the index/weight files (cheap: no weights are read).
-An item uid is `{index}-{sha256(question, image cell)[:12]}`. The judge's API key is only ever sent
-in the Authorization header: it is not in settings, caches, logs or reports.
+The judge's API key is only ever sent in the Authorization header: it is not in settings, caches, logs or
+reports.
 
 Judge-free metrics are teacher-forced on the BF16 response (re-encoded from its text, without the
 closing <|im_end|>, which a response cut at max_new_tokens does not have): both models score the same
@@ -32,23 +23,14 @@ seeded bootstrap 95% intervals (items resampled; TouchStone scores resample item
 
 from __future__ import annotations
 
-import ast
-import base64
-import binascii
-import csv
 import hashlib
-import http.client
-import io
 import json
 import math
 import os
-import random
 import re
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,13 +47,12 @@ from .fast import CHAT_ENGINES
 from .generate import Sampling
 from .grounding import iou, parse_boxes
 from .io import sha256_file
+from .judge import JudgeRound, OpenAIJudge, ask_judge, judge_messages
 from .report import TableSpec, markdown_tables, md_escape, render_rich, save_tables_svg
 from .stats import bootstrap_ci
-from .tokenizer import from_list_format
+from .touchstone import LANGS, TouchStoneError, TouchStoneItem, load_touchstone, select_items
 
-TSV_COLUMNS = ("index", "image", "question", "human_annotation", "gpt4_ha_answer", "category", "task_name")
 MODELS = ("bf16", "int4")
-LANGS = ("en", "zh")
 ORDERS = ("reference_first", "model_first")
 # Published TouchStone scores of Qwen-VL-Chat (protocols.md): the seed's quality table.
 SEED_TOUCHSTONE = {"bf16": {"en": 645.2, "zh": 401.2}, "int4": {"en": 651.4, "zh": 386.6}}
@@ -85,208 +66,6 @@ Loader = Callable[[str], tuple[Any, Any]]
 class CompareError(ValueError):
     """Bad input for a comparison, with a one-line reason."""
 
-
-# ------------------------------------------------------------------------------------------ data
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_DATA_URI = re.compile(r"data:[\w.+/-]*;base64,")
-_SEPARATORS = re.compile(r"[,;|]")
-_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
-
-
-def detect_lang(text: str) -> str:
-    """zh when the text holds a Han ideograph, else en."""
-    return "zh" if _HAN.search(text) else "en"
-
-
-def _b64decode(s: str) -> bytes:
-    s = "".join(s.split())
-    s += "=" * (-len(s) % 4)
-    if "-" in s or "_" in s:
-        return base64.urlsafe_b64decode(s)
-    return base64.b64decode(s, validate=True)
-
-
-def _looks_like_image(piece: str) -> bool:
-    try:
-        head = _b64decode(piece[:24])
-    except (binascii.Error, ValueError):
-        return False
-    return head.startswith(_MAGIC)
-
-
-def split_image_cell(cell: str) -> list[str]:
-    """The base64 strings of one `image` cell (see the module docstring for the accepted encodings)."""
-    s = cell.strip()
-    if not s:
-        return []
-    if s.startswith("["):
-        try:
-            parts = json.loads(s)
-        except json.JSONDecodeError:
-            try:
-                parts = ast.literal_eval(s)
-            except (ValueError, SyntaxError):
-                raise CompareError("image cell starts with '[' but is not a list of base64 strings") from None
-        if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
-            raise CompareError("image cell list must hold base64 strings")
-        pieces = [p.strip() for p in parts]
-    else:
-        pieces = [p.strip() for p in _SEPARATORS.split(_DATA_URI.sub(",", s))]
-    out: list[str] = []
-    for p in pieces:
-        p = _DATA_URI.sub("", p).strip()
-        if not p:
-            continue
-        words = p.split()
-        # several whitespace-separated pictures, or one base64 string wrapped over lines
-        if len(words) > 1 and all(_looks_like_image(w) for w in words):
-            out += words
-        else:
-            out.append("".join(words))
-    return out
-
-
-def decode_image(b64: str) -> Image.Image:
-    try:
-        img = Image.open(io.BytesIO(_b64decode(b64)))
-        img.load()
-    except Exception as e:  # binascii, PIL: many types for corrupt data
-        raise CompareError(f"cannot decode image: {type(e).__name__}: {e}") from None
-    return img.convert("RGB")
-
-
-@dataclass(frozen=True)
-class TouchStoneItem:
-    uid: str
-    index: str
-    images: tuple[str, ...]  # base64 strings, decoded on use
-    question: str
-    human_annotation: str
-    reference: str  # gpt4_ha_answer
-    categories: tuple[str, ...]
-    task_name: str
-    lang: str
-
-    def query(self) -> str:
-        pics = [{"image": f"touchstone/{self.index}_{k}.png"} for k in range(1, len(self.images) + 1)]
-        return from_list_format([*pics, {"text": self.question}])
-
-    def pil_images(self) -> list[Image.Image]:
-        out = []
-        for k, b in enumerate(self.images, 1):
-            try:
-                out.append(decode_image(b))
-            except CompareError as e:
-                raise CompareError(f"row index {self.index}, picture {k}: {e}") from None
-        return out
-
-
-def _split_categories(cell: str) -> tuple[str, ...]:
-    cats = [c.strip() for c in cell.split(",")]
-    return tuple(dict.fromkeys(c for c in cats if c))
-
-
-def load_touchstone(path: str | os.PathLike) -> list[TouchStoneItem]:
-    """All rows of a TouchStone TSV, in file order (images are split into base64 strings, not decoded)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"TouchStone TSV not found: {p}")
-    old_limit = csv.field_size_limit()
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 pictures exceed the 128 KiB default
-    try:
-        with open(p, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            missing = [c for c in TSV_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise CompareError(f"{p}: not a TouchStone TSV, missing column(s): {', '.join(missing)}")
-            rows = list(reader)
-    except UnicodeDecodeError as e:
-        raise CompareError(f"{p}: not UTF-8 text ({e.reason})") from None
-    except csv.Error as e:
-        raise CompareError(f"{p}: malformed TSV ({e})") from None
-    finally:
-        csv.field_size_limit(old_limit)
-    items: list[TouchStoneItem] = []
-    seen: set[str] = set()
-    for n, row in enumerate(rows, 2):
-        index = (row["index"] or "").strip()
-        if not index:
-            raise CompareError(f"{p}: line {n}: empty index")
-        if index in seen:
-            raise CompareError(f"{p}: duplicate index {index}")
-        seen.add(index)
-        try:
-            images = tuple(split_image_cell(row["image"] or ""))
-        except CompareError as e:
-            raise CompareError(f"{p}: index {index}: {e}") from None
-        question = row["question"] or ""
-        digest = hashlib.sha256(f"{question}\t{row['image'] or ''}".encode()).hexdigest()[:12]
-        items.append(
-            TouchStoneItem(
-                uid=f"{index}-{digest}", index=index, images=images, question=question,
-                human_annotation=row["human_annotation"] or "", reference=row["gpt4_ha_answer"] or "",
-                categories=_split_categories(row["category"] or ""), task_name=(row["task_name"] or "").strip(),
-                lang=detect_lang(question),
-            )
-        )  # fmt: skip
-    return items
-
-
-def stratified_sample(items: Sequence[TouchStoneItem], n: int, seed: int) -> list[TouchStoneItem]:
-    """`n` items keeping the proportions of the category strata (an item's stratum is its whole category
-    list): largest-remainder quotas, a seeded sample inside each stratum; file order is kept."""
-    if n >= len(items):
-        return list(items)
-    strata: dict[tuple[str, ...], list[int]] = {}
-    for i, it in enumerate(items):
-        strata.setdefault(tuple(sorted(it.categories)), []).append(i)
-    keys = sorted(strata)
-    quotas = {k: n * len(strata[k]) / len(items) for k in keys}
-    take = {k: int(q) for k, q in quotas.items()}
-    order = keys[:]
-    random.Random(f"{seed}|ties").shuffle(order)  # seeded tie-break among equal remainders
-    order.sort(key=lambda k: -(quotas[k] - take[k]))
-    for k in order[: n - sum(take.values())]:
-        take[k] += 1
-    chosen: list[int] = []
-    for k in keys:
-        chosen += random.Random(f"{seed}|{'|'.join(k)}").sample(strata[k], take[k])
-    return [items[i] for i in sorted(chosen)]
-
-
-def select_items(
-    items: Sequence[TouchStoneItem],
-    category: str | None = None,
-    task: str | None = None,
-    lang: str | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-) -> list[TouchStoneItem]:
-    """Filter by category (comma list: any of them), task name and language, then stratified `limit`."""
-    out = list(items)
-    if category:
-        want = {c.strip().lower() for c in category.split(",") if c.strip()}
-        known = {c.lower(): c for it in items for c in it.categories}
-        unknown = sorted(want - set(known))
-        if unknown:
-            raise CompareError(f"unknown category {', '.join(unknown)} (known: {', '.join(sorted(known.values()))})")
-        out = [it for it in out if want & {c.lower() for c in it.categories}]
-    if task:
-        known_tasks = {it.task_name.lower(): it.task_name for it in items}
-        if task.strip().lower() not in known_tasks:
-            raise CompareError(f"unknown task {task!r} (known: {', '.join(sorted(known_tasks.values()))})")
-        out = [it for it in out if it.task_name.lower() == task.strip().lower()]
-    if lang:
-        if lang not in LANGS:
-            raise CompareError(f"--lang must be en or zh, got {lang!r}")
-        out = [it for it in out if it.lang == lang]
-    if limit is not None:
-        if limit < 1:
-            raise CompareError(f"--limit must be >= 1, got {limit}")
-        out = stratified_sample(out, limit, seed)
-    if not out:
-        raise CompareError("no TouchStone items match the slice (category/task/lang)")
-    return out
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -400,14 +179,11 @@ def plan_compare(settings: CompareSettings) -> ComparePlan:
     items = select_items(
         load_touchstone(settings.data), settings.category, settings.task, settings.lang, settings.limit, settings.seed
     )
-    for it in items:
-        if not it.images:
-            raise CompareError(f"{settings.data}: index {it.index} has no picture")
-        for k, b in enumerate(it.images, 1):  # headers only: catches bad base64 before any model work
-            try:
-                Image.open(io.BytesIO(_b64decode(b)))
-            except Exception as e:
-                raise CompareError(f"{settings.data}: index {it.index}, picture {k}: not an image ({e})") from None
+    for it in items:  # headers only: a bad picture fails before any model work
+        try:
+            it.check_images()
+        except TouchStoneError as e:
+            raise CompareError(f"{settings.data}: {e}") from None
     dirs = {m: str(resolve_model_dir(getattr(settings, m))) for m in MODELS}
     configs = {m: read_config(Path(dirs[m])) for m in MODELS}
     if not configs["int4"].is_quantized:
@@ -677,125 +453,6 @@ def wait_for_shards(
 
 
 # ------------------------------------------------------------------------------------------ judge
-JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
-JUDGE_INSTRUCTION = (
-    "We would like to request your feedback on the performance of two AI assistants in response to the "
-    "user question displayed above. The user asks the question about an image, whose detailed description "
-    "is given above. Please rate the helpfulness, relevance, accuracy and level of detail of their "
-    "responses. Each assistant receives an overall score on a scale of 1 to 10, where a higher score "
-    "indicates better overall performance.\n"
-    "Please first output a single line containing only two values indicating the scores for Assistant 1 "
-    "and 2, respectively. The two scores are separated by a space. In the subsequent line, please provide "
-    "a comprehensive explanation of your evaluation, avoiding any potential bias and ensuring that the "
-    "order in which the responses were presented does not affect your judgment."
-)
-
-
-def judge_messages(annotation: str, question: str, answer1: str, answer2: str) -> list[dict[str, str]]:
-    user = (
-        f"[Image Description]\n{annotation}\n\n[Question]\n{question}\n\n"
-        f"[The Start of Assistant 1's Answer]\n{answer1}\n[The End of Assistant 1's Answer]\n\n"
-        f"[The Start of Assistant 2's Answer]\n{answer2}\n[The End of Assistant 2's Answer]\n\n"
-        f"[System]\n{JUDGE_INSTRUCTION}\n"
-    )
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-
-
-def parse_scores(content: str) -> tuple[float, float] | None:
-    """The two 1-10 scores of the first non-empty line, which must hold nothing else (commas allowed)."""
-    line = next((ln for ln in content.strip().splitlines() if ln.strip()), "")
-    parts = line.replace(",", " ").split()
-    if len(parts) != 2:
-        return None
-    try:
-        a, b = (float(x) for x in parts)
-    except ValueError:
-        return None
-    if not all(1.0 <= v <= 10.0 for v in (a, b)):
-        return None
-    return a, b
-
-
-class JudgeCallError(Exception):
-    """One failed judge call (kind: 'http 500', 'timeout', 'connection', 'bad response', 'unparsable')."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
-
-
-class OpenAIJudge:
-    """POST {base_url}/chat/completions (OpenAI-compatible), temperature 0, plain urllib. The key is kept
-    here and sent only as a header: it appears in no repr, error, cache or report."""
-
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model = model
-        self.timeout = timeout
-        self.__key = api_key or None
-        self.has_key = self.__key is not None
-
-    def __repr__(self) -> str:
-        return f"OpenAIJudge({self.url!r}, model={self.model!r})"
-
-    @classmethod
-    def from_settings(cls, s: CompareSettings, env: dict[str, str] | None = None) -> OpenAIJudge:
-        env = os.environ if env is None else env
-        return cls(s.judge_url, s.judge_model, env.get(s.judge_key_env), s.judge_timeout)
-
-    def complete(self, messages: list[dict[str, str]]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.__key:
-            headers["Authorization"] = f"Bearer {self.__key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (user-given URL)
-                payload = json.loads(resp.read())
-            content = payload["choices"][0]["message"]["content"]
-        except urllib.error.HTTPError as e:
-            raise JudgeCallError(f"http {e.code}") from None
-        except http.client.HTTPException:  # IncompleteRead, BadStatusLine...
-            raise JudgeCallError("connection") from None
-        except (TimeoutError, OSError) as e:  # socket timeouts, refused connections, URLError
-            reason = getattr(e, "reason", e)
-            raise JudgeCallError("timeout" if isinstance(reason, TimeoutError) else "connection") from None
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise JudgeCallError("bad response") from None
-        if not isinstance(content, str):
-            raise JudgeCallError("bad response")
-        return content
-
-
-@dataclass
-class JudgeRound:
-    order: str  # reference_first | model_first
-    model_score: float | None
-    reference_score: float | None
-    error: str | None = None  # last failure kind when the round was excluded
-    attempts: int = 0  # calls made this run (0: from the cache)
-
-
-def ask_judge(
-    judge: Any, messages: list[dict[str, str]], retries: int = 5, sleep: Callable[[float], None] = time.sleep,
-    backoff_s: float = 1.0,
-) -> tuple[tuple[float, float] | None, str | None, str | None, int]:  # fmt: skip
-    """(scores, content, last error kind, calls): up to 1 + `retries` calls, sleeping backoff_s * 2^k
-    (capped at 60 s) after the k-th failure; an unparsable first line counts as a failure."""
-    err = None
-    for k in range(retries + 1):
-        try:
-            content = judge.complete(messages)
-            scores = parse_scores(content)
-            if scores is not None:
-                return scores, content, None, k + 1
-            err = "unparsable"
-        except JudgeCallError as e:
-            err = e.kind
-        if k < retries:
-            sleep(min(60.0, backoff_s * 2**k))
-    return None, None, err, retries + 1
-
 
 def judge_items(
     plan: ComparePlan, responses: dict[str, dict[str, str]], judge: Any, sleep: Callable[[float], None] = time.sleep,
@@ -1268,8 +925,7 @@ def out_dir(settings: CompareSettings) -> Path:
 
 __all__ = [
     "CompareError", "CompareReport", "CompareRun", "CompareSettings", "ComparePlan", "JsonlCache", "Metric",
-    "OpenAIJudge", "ScoreCell", "ShardResult", "TouchStoneItem", "ask_judge", "collect", "detect_lang",
-    "distributed_env", "judge_messages", "load_touchstone", "model_fingerprint", "parse_scores", "parse_shard",
-    "plan_compare", "render_markdown", "report_json", "report_tables", "run_compare", "run_shard", "select_items",
-    "split_image_cell", "stratified_sample", "teacher_force", "wait_for_shards", "write_report",
+    "ScoreCell", "ShardResult", "collect", "distributed_env", "model_fingerprint", "parse_shard", "plan_compare",
+    "render_markdown", "report_json", "report_tables", "run_compare", "run_shard", "teacher_force", "wait_for_shards",
+    "write_report",
 ]  # fmt: skip

@@ -26,21 +26,17 @@ from typer.testing import CliRunner
 
 import qvlq.compare as cmp
 from qvlq.cli import app
-from qvlq.compare import (
-    CompareError,
-    CompareSettings,
-    JsonlCache,
+from qvlq.compare import CompareError, CompareSettings, JsonlCache, plan_compare, report_json, run_compare, write_report
+from qvlq.judge import OpenAIJudge, parse_scores
+from qvlq.touchstone import (
+    TSV_COLUMNS,
+    TouchStoneError,
     TouchStoneItem,
     detect_lang,
     load_touchstone,
-    parse_scores,
-    plan_compare,
-    report_json,
-    run_compare,
     select_items,
     split_image_cell,
     stratified_sample,
-    write_report,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +94,7 @@ def tsv(root: Path) -> Path:
         "task_name": "multi-image comparison",
     }  # fmt: skip
     with open(path, "a", newline="", encoding="utf-8") as f:
-        csv.DictWriter(f, fieldnames=cmp.TSV_COLUMNS, delimiter="\t", lineterminator="\n").writerow(row)
+        csv.DictWriter(f, fieldnames=TSV_COLUMNS, delimiter="\t", lineterminator="\n").writerow(row)
     return path
 
 
@@ -181,7 +177,7 @@ def test_image_cell_encodings():
     ):  # fmt: skip
         assert split_image_cell(cell) == [a, b], cell[:40]
     assert split_image_cell("") == []
-    with pytest.raises(CompareError, match="list"):
+    with pytest.raises(TouchStoneError, match="list"):
         split_image_cell("[1, 2]")
 
 
@@ -210,9 +206,9 @@ def test_stratified_slicing_is_deterministic_and_keeps_proportions():
     assert [it.index for it in select_items(items, category="C")] == [str(i) for i in range(90, 100)]
     assert len(select_items(items, category="a")) == 70 and len(select_items(items, lang="zh")) == 10
     assert len(select_items(items, category="a", limit=7, seed=1)) == 7
-    with pytest.raises(CompareError, match="unknown category d"):
+    with pytest.raises(TouchStoneError, match="unknown category d"):
         select_items(items, category="d")
-    with pytest.raises(CompareError, match="unknown task"):
+    with pytest.raises(TouchStoneError, match="unknown task"):
         select_items(items, task="nope")
 
 
@@ -455,7 +451,7 @@ def test_judge_end_to_end(single, models, tsv, root, judge_server, monkeypatch):
     assert any(p.name.startswith("judge.") for p in written)
     for p in written:
         assert SECRET not in p.read_text(errors="replace"), p
-    assert SECRET not in json.dumps(report_json(rep)) and SECRET not in repr(cmp.OpenAIJudge.from_settings(s))
+    assert SECRET not in json.dumps(report_json(rep)) and SECRET not in repr(OpenAIJudge.from_settings(s))
 
 
 # ------------------------------------------------------------------------------------------ CLI

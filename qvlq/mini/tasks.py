@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 
 from qvlq.grounding import Box, GroundedBox, iou, parse_boxes  # noqa: F401 (scoring API re-exports them)
 from qvlq.stats import bootstrap_ci
+from qvlq.touchstone import TSV_COLUMNS
 
 RGB = tuple[int, int, int]
 
@@ -82,8 +83,7 @@ TEMPLATES: dict[Task, tuple[str, ...]] = {
     Task.GROUND: ("Where is the {obj}?", "Give the bounding box of the {obj}."),
 }
 
-# TouchStone-style columns (see protocols.md); categories may be comma-separated lists.
-TSV_COLUMNS = ("index", "image", "question", "human_annotation", "gpt4_ha_answer", "category", "task_name")
+# TouchStone categories may be comma-separated lists (qvlq.touchstone reads them back).
 TOUCHSTONE_CATEGORY: dict[Task, str] = {
     Task.COLOUR: "recognition",
     Task.SHAPE: "recognition",
