@@ -4,10 +4,11 @@ Why: at M=1 a linear layer is a pure weight stream (0.5 byte per weight), so the
 the HBM copy bandwidth. torch's tinygemm (`aten._weight_int4pack_mm`) reaches about a third of it on an
 H200 at M=1. This kernel is a plain streaming GEMV with a handful of tunable configurations; `tune()`
 picks the fastest per shape on the GPU (timed in a CUDA graph, as it runs inside the decode step).
-Measured on an H200 (reports/int4/): exact, but 19-30% of the copy bandwidth vs tinygemm's 32-42%, i.e.
-0.62-0.75x its speed: at ~5 integer/float instructions per weight the kernel is compute-bound, so it is
-opt-in (QuantLinear "triton", or "fastest" to time both per shape). Dequantizing two codes per instruction
-(half2, as Marlin does) is what it would need next.
+Measured on an H200 (reports/int4/, the kernel before the 1 + q/16 placement below): exact, but 19-30% of
+the copy bandwidth vs tinygemm's 32-42%, i.e. 0.62-0.75x its speed: compute-bound at ~6.1 SASS instructions
+per weight in its main loop. Now ~5.0 on sm_80 and sm_90 (a test counts them in the compiled loop); its speed
+is unmeasured since. It stays opt-in (QuantLinear "triton", or "fastest" to time it per shape); qvlq.int4_mma
+is the tensor-core kernel (~1.8 instructions per weight).
 
 Layout (`pack`), for group size gs, K/8 packed rows, WPG = gs/8 words per group and column:
     qweight int32 [K/8, N]   row g*WPG + j, column n holds the codes of k = g*gs + i*WPG + j at bits
@@ -20,10 +21,12 @@ Layout (`pack`), for group size gs, K/8 packed rows, WPG = gs/8 words per group 
 Rows are contiguous along N, so a program reading BLOCK_N columns of a few packed rows issues
 BLOCK_N*4-byte contiguous runs with 16-byte vector loads (4 columns per thread).
 
-Kernel math per group, in fp32: f = float(q) - z exactly, via the magic-number trick
-bitcast(q | 0x4B000000) = 2^23 + q (an integer->float convert is a quarter-rate instruction, and there are
-8 per packed word); dot = sum_i x_i * f_i over the 8 nibbles; acc += s * dot. The per-element
-accumulator is reduced once at the end of the program.
+Kernel math per group, in fp32: code q moved into mantissa bits 19..22 of 1.0 reads as f = 1 + q/16 exactly
+(one shift and one and-or, LOP3, a code: an integer->float convert is a quarter-rate instruction); dot =
+sum x_i f_i over the group's codes (one FFMA each), xsum = sum x_i, and sum x_i (q_i - z) = 16 dot - (16 + z)
+xsum, scaled by s into a per-element accumulator that is reduced once at the end of the program. The
+subtraction costs ~2 bits of the fp32 sum (relative error ~4e-7 against an fp64 reference, vs ~1.5e-7 when
+z was subtracted per code): far below a bf16/fp16 output's rounding.
 
 Split-K (more programs for N=4096): "sem" is one kernel: every program writes its fp32 partial, bumps
 a per-(row, column block) counter; the last one of the SPLIT_K sums the partials in a fixed order,
@@ -47,7 +50,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-MAGIC = 0x4B000000  # fp32 bits of 2^23: OR-ing a value < 2^23 into the mantissa gives 2^23 + value
 COUNTERS = 1 << 16  # int32 slots of the shared split-K counter buffer (rows x column blocks per call)
 
 
@@ -248,7 +250,7 @@ def _kernel() -> Any:
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, cnt_ptr,
         N, KW, KW_PER_SPLIT, stride_xm, stride_ym,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GPI: tl.constexpr, SPLIT_K: tl.constexpr,
-        MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        MODE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
     ):  # fmt: skip
         WPG: tl.constexpr = GROUP // 8  # packed rows (int32 words) per group and column
         pid_n = tl.program_id(0)
@@ -273,14 +275,30 @@ def _kernel() -> Any:
             gs_mask = (g * WPG < KW)[:, None] & col_ok[None, :]
             s = tl.load(s_ptr + g[:, None] * N + cols[None, :], mask=gs_mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g[:, None] * N + cols[None, :], mask=gs_mask, other=0).to(tl.float32)
-            zc = (z + 8388608.0)[:, None, :]  # 2^23 + z: subtracting it from bitcast(q | MAGIC) gives q - z
             x_row = x_ptr + m * stride_xm + g[:, None] * GROUP + j[None, :]  # [GPI, WPG]: k of nibble 0
+            wu = w.to(tl.uint32, bitcast=True)  # logical shifts: no sign extension to undo
             dot = tl.zeros((GPI, WPG, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((GPI, WPG), dtype=tl.float32)
             for i in tl.static_range(8):
                 xi = tl.load(x_row + i * WPG, mask=row_ok, other=0.0).to(tl.float32)  # masked rows: x = 0
-                f = (((w >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - zc
+                xsum += xi
+                # nibble i moved to mantissa bits 19..22 of 1.0: f = 1 + q/16 (one shift, one and-or)
+                if 4 * i <= 19:
+                    t = wu << (19 - 4 * i)
+                else:
+                    t = wu >> (4 * i - 19)
+                if ASM:  # one LOP3 (ptxas for sm_80 splits `(t & mask) | one` into two, sm_90 does not)
+                    t = tl.inline_asm_elementwise(
+                        "lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                        [t, tl.full(t.shape, 0x780000, tl.uint32), tl.full(t.shape, 0x3F800000, tl.uint32)],
+                        dtype=tl.uint32, is_pure=True, pack=1,
+                    )  # fmt: skip
+                else:
+                    t = (t & 0x780000) | 0x3F800000
+                f = t.to(tl.float32, bitcast=True)
                 dot += xi[:, :, None] * f
-            acc += s[:, None, :] * dot
+            # sum x (q - z) = 16 sum x f - (16 + z) sum x
+            acc += (16.0 * s)[:, None, :] * dot - (s * (16.0 + z))[:, None, :] * xsum[:, :, None]
         part = tl.sum(tl.sum(acc, axis=1), axis=0)  # [BLOCK_N]: the one cross-thread reduction
         y_offs = m * stride_ym + cols
         if MODE == 0:  # direct
@@ -353,8 +371,8 @@ def launch(x: Tensor, p: Packed, bias: Tensor | None, cfg: Config, out: Tensor |
     kernel[(n_blocks, split, m)](
         x, p.qweight, p.scales, p.zeros, bias if has_bias else y, y, part, cnt,
         n, kw, kw_per_split, x.stride(0), y.stride(0),
-        GROUP=p.group_size, BLOCK_N=cfg.block_n, GPI=cfg.groups_per_iter, SPLIT_K=split,
-        MODE=_MODES[mode], HAS_BIAS=has_bias, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        GROUP=p.group_size, BLOCK_N=cfg.block_n, GPI=cfg.groups_per_iter, SPLIT_K=split, MODE=_MODES[mode],
+        HAS_BIAS=has_bias, ASM=not interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if mode == "atomic":
         y.copy_(part if bias is None else part + bias.float())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -118,3 +119,55 @@ def run_interpreted(test_file: str) -> dict:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------ Triton compiler
+def triton_cubin(
+    kernel, sig: dict[str, str], constexprs: dict, options: dict, arch: int, divisible: tuple[str, ...] = ()
+) -> bytes:
+    """A @triton.jit kernel compiled for sm_<arch> without a GPU or driver. sig: argument -> Triton type
+    (arguments not named are constexprs). Pointers, `stride` arguments and those in `divisible` are marked
+    multiples of 16, as Triton's JIT specializes them at full size (it is what makes 16-byte loads)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    sig = {n: sig.get(n, "constexpr") for n in names}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, n in enumerate(names)
+        if n.endswith("_ptr") or "stride" in n or n in divisible
+    }
+    src = ASTSource(kernel, sig, constexprs={k: v for k, v in constexprs.items() if k in names}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
+
+
+def cuobjdump(flag: str, cubin: bytes) -> str:
+    """cuobjdump (Triton's copy) on a cubin: -sass, -res-usage..."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"qvlq-test-{os.getpid()}.cubin"
+    path.write_bytes(cubin)
+    try:
+        return subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True, check=True).stdout
+    finally:
+        path.unlink()
+
+
+def cubin_resources(cubin: bytes) -> str:
+    """cuobjdump's resource line (REG, STACK, LOCAL...)."""
+    return next(line.strip() for line in cuobjdump("-res-usage", cubin).splitlines() if "REG:" in line)
+
+
+def sass_main_loop(cubin: bytes) -> list[str]:
+    """The SASS instructions of the kernel's longest loop (the span of its longest backward branch)."""
+    code = []
+    for line in cuobjdump("-sass", cubin).splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2)))
+    spans = [(int(b.group(1), 16), addr) for addr, text in code if (b := re.search(r"\bBRA\b.*0x([0-9a-f]+)", text))]
+    lo, hi = max((s for s in spans if s[0] < s[1]), key=lambda s: s[1] - s[0])
+    return [text for addr, text in code if lo <= addr <= hi]

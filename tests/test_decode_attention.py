@@ -15,15 +15,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_interpreted
+from conftest import cubin_resources, cuobjdump, run_interpreted, triton_cubin
 
 from qvlq import decode_attention as A
 from qvlq.int4_triton import mismatch, triton_error
@@ -256,39 +254,12 @@ def test_kernel_in_interpreter(case: str) -> None:
 # ------------------------------------------------------------------------------------------ compiler
 def compile_cubin(cfg: A.Config, arch: int, dtype: str = "bf16", head_dim: int = 128) -> bytes:
     """The kernel compiled for sm_<arch> by Triton, without a GPU or driver."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = A._kernel().arg_names
     sig = {n: f"*{dtype}" for n in ("x_ptr", "k_ptr", "v_ptr", "logn_ptr", "o_ptr")}
     sig |= {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
-    sig |= {n: "i32" for n in names if n.startswith("stride_")} | {"scale": "fp32"}
-    sig = {n: sig.get(n, "constexpr") for n in names}
-    # what Triton's JIT specializes at full size: every pointer and stride a multiple of 16 (16-byte loads)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr") or "stride" in n}
+    sig |= {n: "i32" for n in A._kernel().arg_names if n.startswith("stride_")} | {"scale": "fp32"}
     constexprs = {"D": head_dim, "BLOCK": cfg.block, "SPLITS": cfg.splits, "HAS_LOGN": True}
-    src = ASTSource(A._kernel(), sig, constexprs=constexprs, attrs=attrs)
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts).asm["cubin"]
-
-
-def cuobjdump(flag: str, cubin: bytes) -> str:
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"qvlq-decode-attention-{os.getpid()}.cubin"
-    path.write_bytes(cubin)
-    try:
-        return subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True, check=True).stdout
-    finally:
-        path.unlink()
-
-
-def cubin_resources(cfg: A.Config, arch: int, dtype: str = "bf16") -> str:
-    """cuobjdump's resource line (REG, STACK, LOCAL...)."""
-    out = cuobjdump("-res-usage", compile_cubin(cfg, arch, dtype))
-    return next(line.strip() for line in out.splitlines() if "REG:" in line)
+    return triton_cubin(A._kernel(), sig, constexprs, opts, arch)
 
 
 @needs_triton
@@ -296,9 +267,9 @@ def cubin_resources(cfg: A.Config, arch: int, dtype: str = "bf16") -> str:
 @pytest.mark.parametrize("arch", [80, 90])
 def test_configs_compile_without_spills(arch: int) -> None:
     for cfg in A.CONFIGS:
-        line = cubin_resources(cfg, arch)
+        line = cubin_resources(compile_cubin(cfg, arch))
         assert "STACK:0 " in line and "LOCAL:0 " in line, f"{cfg.name}: {line}"
-    assert "STACK:0 " in cubin_resources(A.DEFAULT_CONFIG, arch, "fp16")
+    assert "STACK:0 " in cubin_resources(compile_cubin(A.DEFAULT_CONFIG, arch, "fp16"))
     assert "LDG.E.128" in cuobjdump("-sass", compile_cubin(A.DEFAULT_CONFIG, arch)), "no 16-byte loads of K/V"
 
 

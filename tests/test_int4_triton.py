@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_interpreted
+from conftest import cubin_resources, run_interpreted, sass_main_loop, triton_cubin
 
 from qvlq import int4_triton as T
 from qvlq.gptq import GPTQ, QuantSpec
@@ -241,6 +241,35 @@ def test_kernel_in_interpreter(case):
     results = interpreter_run()
     assert case in results, sorted(results)
     assert results[case] is None, results[case]
+
+
+# ------------------------------------------------------------------------------------------ compiler
+def compile_cubin(cfg: T.Config, arch: int, dtype: str = "bf16", group: int = 128) -> bytes:
+    """The kernel compiled for sm_<arch> by Triton as the JIT specializes it at full size (no GPU needed)."""
+    sig = {"x_ptr": f"*{dtype}", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16",
+           "y_ptr": f"*{dtype}", "part_ptr": "*fp32", "cnt_ptr": "*i32"}  # fmt: skip
+    ints = ("N", "KW", "KW_PER_SPLIT", "stride_xm", "stride_ym")
+    sig |= {n: "i32" for n in ints}
+    constexprs = {"GROUP": group, "BLOCK_N": cfg.block_n, "GPI": cfg.groups_per_iter, "SPLIT_K": cfg.split_k,
+                  "MODE": T._MODES[cfg.mode], "HAS_BIAS": False, "ASM": True}  # fmt: skip
+    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    return triton_cubin(T._kernel(), sig, constexprs, opts, arch, divisible=ints)
+
+
+@needs_triton
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernel_compiles_lean(arch: int) -> None:
+    """No config spills, and the main loop stays near 5 instructions a weight (the dequantization is one
+    shift and one and-or a code, the multiply-add one FFMA; 6.1 before the 1 + q/16 placement)."""
+    for cfg in T.CONFIGS:
+        line = cubin_resources(compile_cubin(cfg, arch))
+        assert "STACK:0 " in line and "LOCAL:0 " in line, f"{cfg.name}: {line}"
+    cfg = T.DEFAULT_CONFIG
+    loop = sass_main_loop(compile_cubin(cfg, arch))
+    weights = cfg.block_n * cfg.groups_per_iter * 128 // 8 * 8 / (cfg.num_warps * 32)  # a thread's, per step
+    assert len(loop) / weights < 5.5, f"{len(loop)} instructions for {weights:.0f} weights a thread"
+    assert any("LDG.E.128" in ins for ins in loop), "no 16-byte weight loads"
 
 
 # ------------------------------------------------------------------------------------------ GPU
