@@ -161,14 +161,21 @@ def report_tables(report: ProfileReport) -> list[TableSpec]:
           if any(m.int4_selection for m in report.models) else []),
         ["fast engine compile", s.get("fast_compile", "auto") + (f", kv_block {s['kv_block']}" if s.get("kv_block")
                                                                  else "")],
-        ["fast engine attention", f"requested {s.get('attention', 'sdpa')}; "
-         + ("; ".join(f"{k}: {v.get('attention')}" for k, v in report.engines.items() if v.get("engine") == "fast")
-            or "-")],
+        ["fast engine attention", f"requested {s.get('attention', 'sdpa')}; " + (_attention_text(report) or "-")],
         ["weights", "RANDOM (" + str(s["random_weights"]) + " geometry)" if s.get("random_weights") else "checkpoint"],
         ["started / wall time", f"{report.started} / {report.seconds:.0f} s"],
     ]  # fmt: skip
     tables.append(TableSpec("Environment", ["", ""], env_rows))
     return tables
+
+
+def _attention_text(report: ProfileReport) -> str:
+    """The fast engines' attention, cells with the same one named together."""
+    cells: dict[str, list[str]] = {}
+    for k, v in report.engines.items():
+        if v.get("engine") == "fast":
+            cells.setdefault(str(v.get("attention")), []).append(k)
+    return "; ".join(f"{', '.join(ks)}: {a}" for a, ks in cells.items())
 
 
 def _selection_text(c: dict[str, Any]) -> str:

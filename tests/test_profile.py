@@ -228,6 +228,21 @@ def test_oom_in_one_cell_is_reported_and_the_rest_runs(monkeypatch):
     assert "OOM" in main.rows[0][3] and main.rows[0][2] != "OOM"
 
 
+def test_attention_row_names_cells_with_the_same_attention_together():
+    from qvlq.profile_report import _attention_text
+
+    engines = {
+        "bf16/fast@2048": {"engine": "fast", "attention": "triton split-KV over slots 0..pos, b8s32w4"},
+        "bf16/hf@2048": {"engine": "hf", "attention": "SDPA (model default)"},
+        "int4/fast@2048": {"engine": "fast", "attention": "triton split-KV over slots 0..pos, b8s32w4"},
+        "int4/fast@8192": {"engine": "fast", "attention": "sdpa over the static cache, mask k_index <= pos"},
+    }
+    assert _attention_text(types.SimpleNamespace(engines=engines)) == (
+        "bf16/fast@2048, int4/fast@2048: triton split-KV over slots 0..pos, b8s32w4; "
+        "int4/fast@8192: sdpa over the static cache, mask k_index <= pos"
+    )
+
+
 def test_budget_skips_cells_instead_of_overrunning():
     s = ProfileSettings(**TINY, contexts=[292], engines=["hf"], precisions=["bf16"], max_seconds=0.001)
     report = run_profile(s)
