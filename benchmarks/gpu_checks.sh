@@ -2,7 +2,8 @@
 # The GPU checks in one command, sized for one 9-minute device call on an H100/H200:
 #   0. qvlq.int4_mma's first contact: compile, launch, where each weight comes from (mma_diagnose.py, <= 60 s)
 #   1. CUDA tests of qvlq's int4 kernels (Triton, mma) and of chat's CUDA-graph engine (pytest -m gpu, <= 150 s)
-#   2. int4 GEMV per full-size shape: tinygemm vs both kernels            (benchmarks/int4_gemv.py, <= 90 s)
+#   2. int4 GEMV per full-size shape: tinygemm vs both kernels, and w1+w2 as one fused GEMV (what fusing them
+#      would save a step)                                                   (benchmarks/int4_gemv.py, <= 90 s)
 #   2b. decode attention per cache length and position: SDPA over the whole cache, SDPA over 512-slot buckets,
 #      the Triton split-KV kernel over slots 0..pos             (benchmarks/decode_attention.py, <= 45 s)
 #   3. the profile: fast engine compiled, BF16 + Int4, contexts 2048 and 8192 (benchmarks/profile_full.sh),

@@ -6,7 +6,9 @@ max abs error of each kernel against the fp32 reference, time per call (a CUDA g
 median of --repeats replays, weight copies rotated so they do not sit in L2, as 160 different layers do
 not), effective bandwidth (the bytes each kernel reads: packed weight + scales/zeros, over its time)
 and its share of a measured device-to-device copy bandwidth. Ends with the int4 matmul time of one
-decode step (32 blocks x 5 linears) with each kernel.
+decode step (32 blocks x 5 linears) with each kernel, and what fusing mlp.w1 and mlp.w2 into one GEMV of
+twice the outputs would save per step (timed as its own shape: each call has a fixed cost, launch and
+ramp-up, that a fused call pays once).
 
     python benchmarks/int4_gemv.py --out int4-gemv.json        # CUDA; well under a minute on an H100/H200
     python benchmarks/int4_gemv.py --dry-run                   # CPU: small shapes, reference checks, the
@@ -48,6 +50,7 @@ FULL_SHAPES = [
     ("mlp.w2", 4096, 11008),
     ("mlp.c_proj", 11008, 4096),
 ]
+FUSED = ("mlp.w1+w2", 4096, 22016)  # timed beside the five, not counted in the step
 DRY_SHAPES = [("tiny.a", 256, 64), ("tiny.b", 512, 48)]
 KINDS = ("tinygemm", "triton", "mma")
 BLOCKS = 32
@@ -175,6 +178,21 @@ def show(console: Console, rows: list[dict[str, Any]], copy_bw: float | None) ->
         console.print(f"device-to-device copy bandwidth: {copy_bw / 1e9:.0f} GB/s")
 
 
+def step_summary(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """(int4 matmul ms of one decode step per kernel: every layer shape once per block; per kernel, mlp.w1 +
+    mlp.w2 against the fused shape and what fusing would save a step), over the kernels timed on every row."""
+    by_name = {r["name"]: r for r in rows}
+    layers = [by_name[name] for name, _, _ in FULL_SHAPES]
+    step = {k: BLOCKS * sum(r[f"{k}_us"] for r in layers) / 1e3 for k in KINDS if all(f"{k}_us" in r for r in layers)}
+    fusion = {}
+    for k in KINDS:
+        parts = [by_name[n].get(f"{k}_us") for n in ("mlp.w1", "mlp.w2", FUSED[0]) if n in by_name]
+        if len(parts) == 3 and None not in parts:
+            saved = BLOCKS * (parts[0] + parts[1] - parts[2]) / 1e3
+            fusion[k] = {"w1_plus_w2_us": parts[0] + parts[1], "fused_us": parts[2], "step_saving_ms": saved}
+    return step, fusion
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -192,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and T.triton_error() and M.runtime_error():
         console.print(f"[red]neither of qvlq's kernels can run: {T.triton_error()}; {M.runtime_error()}")
         return 1
-    shapes = DRY_SHAPES if args.dry_run else FULL_SHAPES
+    shapes = DRY_SHAPES if args.dry_run else [*FULL_SHAPES, FUSED]
     copy_bw = None if args.dry_run else measure_bandwidth(torch.device("cuda"), 1 << 30) * 1e9  # bytes/s
     rows = []
     for name, k, n in shapes:
@@ -210,13 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "shapes": rows,
     }
-    if not args.dry_run:  # one decode step: every shape once per block
-        step = {k: BLOCKS * sum(r[f"{k}_us"] for r in rows) / 1e3 for k in KINDS if all(f"{k}_us" in r for r in rows)}
-        result["decode_step_int4_ms"] = step
+    if not args.dry_run:
+        result["decode_step_int4_ms"], result["gate_up_fusion"] = step_summary(rows)
+        step, fusion = result["decode_step_int4_ms"], result["gate_up_fusion"]
         console.print(
-            f"int4 matmuls per decode step ({BLOCKS} blocks x {len(rows)}): "
+            f"int4 matmuls per decode step ({BLOCKS} blocks x {len(FULL_SHAPES)}): "
             + ", ".join(f"{k} {ms:.3f} ms ({step['tinygemm'] / ms:.2f}x tinygemm)" for k, ms in step.items())
         )
+        console.print("w1 + w2 vs one fused GEMV: " + ", ".join(
+            f"{k} {v['w1_plus_w2_us']:.2f} vs {v['fused_us']:.2f} us ({v['step_saving_ms']:.3f} ms a step)"
+            for k, v in fusion.items()
+        ))  # fmt: skip
     result["seconds"] = time.perf_counter() - t0
     if args.out:
         write_json(args.out, result)

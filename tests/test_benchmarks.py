@@ -1,0 +1,81 @@
+"""The GPU benchmark scripts that gpu_checks.sh runs, exercised on the CPU, so that a session with a GPU does not
+find them broken: int4_gemv.py --dry-run (reference checks, the Triton kernel interpreted, the mma kernel's
+lane model) and its per-step summary; decode_attention.py's whole measure-check-report path with the kernel
+interpreted (2 heads instead of 32) and the CUDA timing stubbed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qvlq.int4_triton import triton_error
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", COLUMNS="200")
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_int4_gemv_dry_run(tmp_path: Path) -> None:
+    proc = run([str(BENCH / "int4_gemv.py"), "--dry-run", "--out", "gemv.json"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gemv.json").read_text())
+    assert [r["name"] for r in data["shapes"]] == ["tiny.a", "tiny.b"]
+    for r in data["shapes"]:
+        assert r["pack_exact"] and r["reference_mismatch"] is None and r["mma_mismatch"] is None
+        if triton_error() is None:
+            assert r["triton_mismatch"] is None and not r["dropped"], r["dropped"]
+
+
+def test_int4_gemv_step_summary() -> None:
+    b = load("int4_gemv")
+    rows = [{"name": n, "tinygemm_us": 10.0, "mma_us": 5.0} for n, _, _ in b.FULL_SHAPES]
+    rows.append({"name": b.FUSED[0], "tinygemm_us": 18.0, "mma_us": 9.0, "triton_us": 1.0})
+    step, fusion = b.step_summary(rows)
+    assert step == pytest.approx({"tinygemm": 32 * 5 * 10 / 1e3, "mma": 32 * 5 * 5 / 1e3})
+    assert fusion["tinygemm"] == pytest.approx({"w1_plus_w2_us": 20.0, "fused_us": 18.0, "step_saving_ms": 0.064})
+    assert set(fusion) == {"tinygemm", "mma"}  # triton was timed on the fused shape only
+    del rows[2]["mma_us"]  # mlp.w1 without an mma time: no mma step, no mma fusion figure
+    step, fusion = b.step_summary(rows)
+    assert set(step) == {"tinygemm"} and set(fusion) == {"tinygemm"}
+
+
+DECODE_ATTENTION = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
+b = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(b)
+b.HEADS = 2  # the interpreter runs every program in Python
+b.time_graph = lambda fn, calls, repeats: (fn(0), 1e-5)[1]  # runs the timed call once, no CUDA graph
+cfg = b.A.DEFAULT_CONFIG
+b.A.tuned = lambda batch, heads, dim, n, dtype, device: b.A.TuneResult(cfg, {cfg.name: 1e-5}, {}, n // 2, 2e-5)
+sys.exit(b.main(["--device", "cpu", "--lengths", "290", "--layers", "1", "--calls", "1", "--out", "attn.json"]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(triton_error() is not None, reason="needs triton (its interpreter)")
+def test_decode_attention_benchmark_path(tmp_path: Path) -> None:
+    proc = run(["-c", DECODE_ATTENTION, str(BENCH / "decode_attention.py")], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "attn.json").read_text())
+    (length,) = data["lengths"]
+    assert length["length"] == 290 and [p["position"] for p in length["positions"]] == [72, 145, 217, 288, 289]
+    assert all(p["triton_mismatch"] is None for p in length["positions"])
+    assert set(length["step_ms_mean_over_positions"]) == {"sdpa", "sdpa-b512", "triton"}
