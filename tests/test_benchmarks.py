@@ -1,7 +1,8 @@
 """The GPU benchmark scripts that gpu_checks.sh runs, exercised on the CPU, so that a session with a GPU does not
 find them broken: int4_gemv.py --dry-run (reference checks, the Triton kernel interpreted, the mma kernel's
 lane model) and its per-step summary; decode_attention.py's whole measure-check-report path with the kernel
-interpreted (2 heads instead of 32) and the CUDA timing stubbed."""
+interpreted (2 heads instead of 32) and the CUDA timing stubbed; decode_kernels.py on the tiny geometry (the
+CPU profiler's operators instead of CUDA kernels)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,15 @@ def test_decode_attention_benchmark_path(tmp_path: Path) -> None:
     assert length["length"] == 290 and [p["position"] for p in length["positions"]] == [72, 145, 217, 288, 289]
     assert all(p["triton_mismatch"] is None for p in length["positions"])
     assert set(length["step_ms_mean_over_positions"]) == {"sdpa", "sdpa-b512", "triton"}
+
+
+def test_decode_kernels_on_the_tiny_model(tmp_path: Path) -> None:
+    args = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--context", "320"]
+    args += ["--compile", "off"]
+    proc = run([str(BENCH / "decode_kernels.py"), *args, "--out", "kernels.json"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    assert set(data["precisions"]) == {"bf16", "int4"}
+    for rec in data["precisions"].values():
+        assert rec["wall_ms_per_step"] > 0 and rec["kernels_per_step"] > 0 and rec["top"]
+        assert rec["prompt"] == 160  # context // 2 by default
