@@ -179,12 +179,15 @@ def _attention_text(report: ProfileReport) -> str:
 
 
 def _selection_text(c: dict[str, Any]) -> str:
-    """One measured int4 kernel choice: shape, timings at one row, the winner."""
+    """One measured int4 kernel choice: shape, timings at one row (or why a kernel could not be timed), the
+    winner."""
     parts = []
     for kernel in ("int4_cuda", "triton", "mma"):
         if f"{kernel}_us" in c:
             cfg = f" [{c[f'{kernel}_config']}]" if f"{kernel}_config" in c else ""
             parts.append(f"{kernel} {c[f'{kernel}_us']:.1f} us{cfg}")
+        elif f"{kernel}_error" in c:
+            parts.append(f"{kernel} failed ({c[f'{kernel}_error'][:80]})")
     return f"{c['in_features']}->{c['out_features']}: {', '.join(parts)} -> {c['choice']}"
 
 

@@ -347,3 +347,34 @@ def test_kernel_selection_reports_what_was_measured(monkeypatch) -> None:
     int4.FASTEST[(4096, 4096, 128, "bfloat16")].update(mma_us=6.0, mma_config="w8t1", choice="mma")
     (chosen,) = int4.kernel_selection()
     assert _selection_text(chosen).endswith(f"triton 12.2 us [{cfg.name}], mma 6.0 us [w8t1] -> mma")
+
+
+def test_fastest_records_a_kernel_that_cannot_be_tuned_and_uses_the_others(monkeypatch) -> None:
+    """prepare("fastest") on a layer where one kernel has no working config: the others are timed, the failure
+    is recorded (and shown in the profile report) instead of failing the model's preparation."""
+    import types
+
+    from qvlq import int4, int4_mma
+    from qvlq.profile_report import _selection_text
+
+    monkeypatch.setattr(int4, "FASTEST", {})
+    monkeypatch.setenv(int4.ENV_CANDIDATES, "triton,mma")
+    monkeypatch.setattr(QuantLinear, "_int4_ok", lambda self, backend: None)
+
+    def no_config(*args, **kwargs):
+        raise RuntimeError("no Triton int4 config works for N=64 K=256: {'n64g2w4s2': 'mismatch'}")
+
+    monkeypatch.setattr(T, "tuned", no_config)
+    monkeypatch.setattr(int4_mma, "tuned", lambda p: types.SimpleNamespace(best=int4_mma.DEFAULT_CONFIG,
+                                                                           seconds={"w8t1": 5e-6}))  # fmt: skip
+    lin = random_linear(64, 256)
+    codes, zeros, scales, _ = group_ordered(lin)
+    assert lin._fastest(codes, zeros, scales, 128, torch.bfloat16) == "mma"
+    (rec,) = int4.fastest_choices()
+    assert rec["triton_error"].startswith("no Triton int4 config") and rec["mma_us"] == pytest.approx(5.0)
+    assert _selection_text(rec) == "256->64: triton failed (no Triton int4 config works for N=64 K=256: " \
+        "{'n64g2w4s2': 'mismatch'}), mma 5.0 us [w8t1] -> mma"
+    monkeypatch.setattr(int4_mma, "tuned", no_config)
+    int4.FASTEST.clear()
+    with pytest.raises(RuntimeError, match="no int4 CUDA kernel could be timed"):
+        lin._fastest(codes, zeros, scales, 128, torch.bfloat16)
