@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         "shapes": rows,
     }
     if not args.dry_run:
-        result["decode_step_int4_ms"], result["gate_up_fusion"] = step_summary(rows)
-        step, fusion = result["decode_step_int4_ms"], result["gate_up_fusion"]
+        step, fusion = step_summary(rows)
+        result["decode_step_int4_ms"], result["gate_up_fusion"] = step, fusion
         console.print(
             f"int4 matmuls per decode step ({BLOCKS} blocks x {len(FULL_SHAPES)}): "
             + ", ".join(f"{k} {ms:.3f} ms ({step['tinygemm'] / ms:.2f}x tinygemm)" for k, ms in step.items())

@@ -460,20 +460,19 @@ class QuantLinear(nn.Module):
             if "int4_cuda" in usable:
                 x = torch.randn(1, self.in_features, device=codes.device).to(dtype)
                 rec["int4_cuda_us"] = time_tinygemm(x, _pack_torch_int4("int4_cuda", codes, zeros, scales, gs)) * 1e6
-            # a kernel with no configuration that compiles and matches the reference is recorded and skipped
-            if "triton" in usable:
+            mdtype = dtype if dtype in int4_mma.FORMATS else torch.bfloat16
+            tuners = {  # qvlq's kernels, tuned per config
+                "triton": lambda: int4_triton.tuned(int4_triton.pack(codes, zeros, scales, gs), dtype),
+                "mma": lambda: int4_mma.tuned(int4_mma.pack(codes, zeros, scales, gs, mdtype)),
+            }
+            for name, tune in tuners.items():
+                if name not in usable:
+                    continue
                 try:
-                    res = int4_triton.tuned(int4_triton.pack(codes, zeros, scales, gs), dtype)
-                    rec["triton_us"], rec["triton_config"] = res.seconds[res.best.name] * 1e6, res.best.name
-                except RuntimeError as e:
-                    rec["triton_error"] = str(e)[:300]
-            if "mma" in usable:
-                try:
-                    mdtype = dtype if dtype in int4_mma.FORMATS else torch.bfloat16
-                    res = int4_mma.tuned(int4_mma.pack(codes, zeros, scales, gs, mdtype))
-                    rec["mma_us"], rec["mma_config"] = res.seconds[res.best.name] * 1e6, res.best.name
-                except RuntimeError as e:
-                    rec["mma_error"] = str(e)[:300]
+                    res = tune()
+                    rec[f"{name}_us"], rec[f"{name}_config"] = res.seconds[res.best.name] * 1e6, res.best.name
+                except RuntimeError as e:  # no config compiled and matched the reference: recorded, skipped
+                    rec[f"{name}_error"] = str(e)[:300]
             timed = {b: rec[f"{b}_us"] for b in CUDA_KERNELS if f"{b}_us" in rec}
             if not timed:
                 raise RuntimeError(f"no int4 CUDA kernel could be timed for {key}: {rec}")
