@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, sized for one 9-minute device call on an H100/H200:
+# The GPU checks in one command, sized for one 9-minute device call on an H100/H200, most wanted first:
 #   0. qvlq.int4_mma's first contact: compile, launch, where each weight comes from (mma_diagnose.py, <= 60 s)
-#   1. CUDA tests of qvlq's int4 kernels (Triton, mma) and of chat's CUDA-graph engine (pytest -m gpu, <= 150 s)
 #   2. int4 GEMV per full-size shape: tinygemm vs both kernels, and w1+w2 as one fused GEMV (what fusing them
 #      would save a step)                                                   (benchmarks/int4_gemv.py, <= 90 s)
 #   2b. decode attention per cache length and position: SDPA over the whole cache, SDPA over 512-slot buckets,
 #      the Triton split-KV kernel over slots 0..pos             (benchmarks/decode_attention.py, <= 45 s)
 #   3. the profile: fast engine compiled, BF16 + Int4, contexts 2048 and 8192 (benchmarks/profile_full.sh),
 #      attention "fastest" (SDPA vs the Triton kernel timed per cache length at engine build, recorded)
-#      with QVLQ_INT4_BACKEND=fastest (each int4 shape timed on tinygemm and mma, or Triton if mma failed 0;
-#      the fastest kept and recorded in the report) when 2 found every result right; else tinygemm
+#      with QVLQ_INT4_BACKEND=fastest over tinygemm and each of qvlq's kernels that 0 and 2 found right (mma;
+#      Triton only without mma): each int4 shape tuned, checked and timed at build, the fastest kept and
+#      recorded in the report                                                                   (<= 300 s)
+#   1. CUDA tests of qvlq's int4 kernels (Triton, mma) and of chat's CUDA-graph engine (pytest -m gpu, <= 150 s)
+#      if the budget has room left
 #   4. the compiled decode step kernel by kernel, with the same int4 choice  (benchmarks/decode_kernels.py)
 #      if the budget has room left
 # The `hf` engine (the seed's eager loop) is left out: it does not change with these kernels and its cells
@@ -38,13 +40,6 @@ timeout -k 5 60 "$PY" benchmarks/mma_diagnose.py --out "$OUT/mma-diagnose.json" 
 diag_rc=$?
 say "0. rc=$diag_rc"
 
-say "1. CUDA tests"
-timeout -k 5 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_attention.py tests/test_int4_mma.py \
-    tests/test_int4_triton.py tests/test_chat.py "tests/test_fast.py::test_cuda_triton_attention_matches_hf" \
-    2>&1 | tee -a "$LOG" | tail -n 15
-tests_rc=$?
-say "1. rc=$tests_rc"
-
 say "2. int4 GEMV benchmark"
 timeout -k 5 90 "$PY" benchmarks/int4_gemv.py --out "$OUT/int4-gemv.json" 2>&1 | tee -a "$LOG" | tail -n 40
 bench_rc=$?
@@ -58,18 +53,39 @@ ATTENTION=fastest
 if [[ $attn_rc != 0 ]]; then ATTENTION=sdpa; fi
 if [[ -n "${KV_BLOCK:-}" ]]; then ATTENTION=sdpa; fi
 
-# the profile times the kernels per shape when the benchmark found every kernel's results right; Triton only
-# when the mma kernel failed its probe (Triton measured 0.62-0.75x tinygemm: its tuning costs profile time)
-BACKEND=int4_cuda
-if [[ $bench_rc == 0 ]]; then BACKEND=fastest; fi
-export QVLQ_INT4_CANDIDATES=int4_cuda,mma
-if [[ $diag_rc != 0 ]]; then export QVLQ_INT4_CANDIDATES=int4_cuda,triton; fi
+# the profile times the kernels per shape ("fastest": each candidate tuned and checked against the reference
+# at model build); Triton only when the mma kernel failed its probe or the benchmark (Triton measured
+# 0.62-0.75x tinygemm: its tuning costs profile time)
+BACKEND=fastest
+export QVLQ_INT4_CANDIDATES=$("$PY" - "$OUT/int4-gemv.json" "$diag_rc" <<'PYEOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["shapes"]
+except (OSError, ValueError, KeyError):
+    rows = []
+def good(k):
+    return bool(rows) and all(f"{k}_us" in r and not r.get(f"{k}_mismatch") for r in rows)
+pick = ["int4_cuda"] + (["mma"] if sys.argv[2] == "0" and good("mma") else ["triton"] if good("triton") else [])
+print(",".join(pick))
+PYEOF
+)
 P_TIMEOUT=$(( $(left) - 10 < 300 ? $(left) - 10 : 300 ))
 say "3. profile with QVLQ_INT4_BACKEND=$BACKEND over $QVLQ_INT4_CANDIDATES, attention $ATTENTION (limit ${P_TIMEOUT}s)"
 QVLQ_INT4_BACKEND=$BACKEND FAST_COMPILE=auto MAX_SECONDS=$(( P_TIMEOUT - 25 )) TIMEOUT=$P_TIMEOUT OUT="$OUT" \
     PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 --windowed '' \
     --attention "$ATTENTION" ${KV_BLOCK:+--kv-block "$KV_BLOCK"} >/dev/null 2>&1
 say "3. rc=$?; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
+
+if (( $(left) >= 40 )); then
+    say "1. CUDA tests (limit $(( $(left) < 150 ? $(left) : 150 ))s)"
+    timeout -k 5 $(( $(left) < 150 ? $(left) : 150 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_attention.py tests/test_int4_mma.py \
+        tests/test_int4_triton.py tests/test_chat.py "tests/test_fast.py::test_cuda_triton_attention_matches_hf" \
+        2>&1 | tee -a "$LOG" | tail -n 15
+    tests_rc=$?
+    say "1. rc=$tests_rc"
+else
+    say "1. skipped: $(left) s left"
+fi
 
 if (( $(left) >= 70 )); then
     say "4. decode step kernels (limit $(( $(left) - 5 ))s)"
