@@ -18,6 +18,8 @@
 # are in reports/profile/h200-random-full-2026-11-26/; `bash benchmarks/profile_full.sh` runs everything.
 #
 # Usage: OUT=dir bash benchmarks/gpu_checks.sh     (PYTHON=... as in profile_full.sh; BUDGET=540 seconds)
+#   STEPS="3 1"   run only these steps (default: all); without 2, step 3 times tinygemm and mma (the tuner
+#                 checks each config against the reference) unless 0 ran and failed
 #   KV_BLOCK=512  profile with SDPA over the first multiple of 512 cache slots instead of the default attention
 #                 choice (one recompile: the length becomes dynamic); step 2b measures both ways per position.
 # Output in $OUT: gpu-checks.log, mma-diagnose.json, int4-gemv.json, decode-attention.json, decode-kernels.json,
@@ -31,26 +33,35 @@ START=$(date +%s)
 BUDGET="${BUDGET:-540}"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COLUMNS="${COLUMNS:-200}"
 LOG="$OUT/gpu-checks.log"
+want() { [[ " ${STEPS:-0 2 2b 3 1 4} " == *" $1 "* ]]; }
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
+diag_rc=skipped bench_rc=skipped attn_rc=skipped
 say "gpu_checks: start; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
-say "0. int4_mma layout probe"
-timeout -k 5 60 "$PY" benchmarks/mma_diagnose.py --out "$OUT/mma-diagnose.json" 2>&1 | tee -a "$LOG" | tail -n 30
-diag_rc=$?
-say "0. rc=$diag_rc"
+if want 0; then
+    say "0. int4_mma layout probe"
+    timeout -k 5 60 "$PY" benchmarks/mma_diagnose.py --out "$OUT/mma-diagnose.json" 2>&1 | tee -a "$LOG" | tail -n 30
+    diag_rc=$?
+    say "0. rc=$diag_rc"
+fi
 
-say "2. int4 GEMV benchmark"
-timeout -k 5 90 "$PY" benchmarks/int4_gemv.py --out "$OUT/int4-gemv.json" 2>&1 | tee -a "$LOG" | tail -n 40
-bench_rc=$?
-say "2. rc=$bench_rc"
+if want 2; then
+    say "2. int4 GEMV benchmark"
+    timeout -k 5 90 "$PY" benchmarks/int4_gemv.py --out "$OUT/int4-gemv.json" 2>&1 | tee -a "$LOG" | tail -n 40
+    bench_rc=$?
+    say "2. rc=$bench_rc"
+fi
 
-say "2b. decode attention benchmark"
-timeout -k 5 45 "$PY" benchmarks/decode_attention.py --out "$OUT/decode-attention.json" 2>&1 | tee -a "$LOG" | tail -n 40
-attn_rc=$?
-say "2b. rc=$attn_rc"
+if want 2b; then
+    say "2b. decode attention benchmark"
+    timeout -k 5 45 "$PY" benchmarks/decode_attention.py --out "$OUT/decode-attention.json" 2>&1 | tee -a "$LOG" | tail -n 40
+    attn_rc=$?
+    say "2b. rc=$attn_rc"
+fi
+
 ATTENTION=fastest
-if [[ $attn_rc != 0 ]]; then ATTENTION=sdpa; fi
+if [[ $attn_rc != 0 && $attn_rc != skipped ]]; then ATTENTION=sdpa; fi
 if [[ -n "${KV_BLOCK:-}" ]]; then ATTENTION=sdpa; fi
 
 # the profile times the kernels per shape ("fastest": each candidate tuned and checked against the reference
@@ -62,37 +73,40 @@ import json, sys
 try:
     rows = json.load(open(sys.argv[1]))["shapes"]
 except (OSError, ValueError, KeyError):
-    rows = []
+    rows = None  # step 2 did not run (or died): the tuners' own checks decide
 def good(k):
-    return bool(rows) and all(f"{k}_us" in r and not r.get(f"{k}_mismatch") for r in rows)
-pick = ["int4_cuda"] + (["mma"] if sys.argv[2] == "0" and good("mma") else ["triton"] if good("triton") else [])
+    return rows is None or bool(rows) and all(f"{k}_us" in r and not r.get(f"{k}_mismatch") for r in rows)
+mma = sys.argv[2] in ("0", "skipped") and good("mma")
+pick = ["int4_cuda"] + (["mma"] if mma else ["triton"] if good("triton") else [])
 print(",".join(pick))
 PYEOF
 )
-P_TIMEOUT=$(( $(left) - 10 < 300 ? $(left) - 10 : 300 ))
-say "3. profile with QVLQ_INT4_BACKEND=$BACKEND over $QVLQ_INT4_CANDIDATES, attention $ATTENTION (limit ${P_TIMEOUT}s)"
-QVLQ_INT4_BACKEND=$BACKEND FAST_COMPILE=auto MAX_SECONDS=$(( P_TIMEOUT - 25 )) TIMEOUT=$P_TIMEOUT OUT="$OUT" \
-    PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 --windowed '' \
-    --attention "$ATTENTION" ${KV_BLOCK:+--kv-block "$KV_BLOCK"} >/dev/null 2>&1
-say "3. rc=$?; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
+if want 3; then
+    P_TIMEOUT=$(( $(left) - 10 < 300 ? $(left) - 10 : 300 ))
+    say "3. profile with QVLQ_INT4_BACKEND=$BACKEND over $QVLQ_INT4_CANDIDATES, attention $ATTENTION (limit ${P_TIMEOUT}s)"
+    QVLQ_INT4_BACKEND=$BACKEND FAST_COMPILE=auto MAX_SECONDS=$(( P_TIMEOUT - 25 )) TIMEOUT=$P_TIMEOUT OUT="$OUT" \
+        PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 --windowed '' \
+        --attention "$ATTENTION" ${KV_BLOCK:+--kv-block "$KV_BLOCK"} >/dev/null 2>&1
+    say "3. rc=$?; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
+fi
 
-if (( $(left) >= 40 )); then
+if want 1 && (( $(left) >= 40 )); then
     say "1. CUDA tests (limit $(( $(left) < 150 ? $(left) : 150 ))s)"
     timeout -k 5 $(( $(left) < 150 ? $(left) : 150 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_attention.py tests/test_int4_mma.py \
         tests/test_int4_triton.py tests/test_chat.py "tests/test_fast.py::test_cuda_triton_attention_matches_hf" \
         2>&1 | tee -a "$LOG" | tail -n 15
     tests_rc=$?
     say "1. rc=$tests_rc"
-else
+elif want 1; then
     say "1. skipped: $(left) s left"
 fi
 
-if (( $(left) >= 70 )); then
+if want 4 && (( $(left) >= 70 )); then
     say "4. decode step kernels (limit $(( $(left) - 5 ))s)"
     QVLQ_INT4_BACKEND=$BACKEND timeout -k 5 $(( $(left) - 5 )) "$PY" benchmarks/decode_kernels.py \
         --attention "$ATTENTION" --out "$OUT/decode-kernels.json" 2>&1 | tee -a "$LOG" | grep -v "^USDT" | tail -n 60
     say "4. rc=$?"
-else
+elif want 4; then
     say "4. skipped: $(left) s left"
 fi
 say "gpu_checks: done"

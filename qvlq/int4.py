@@ -471,6 +471,7 @@ class QuantLinear(nn.Module):
                 try:
                     res = tune()
                     rec[f"{name}_us"], rec[f"{name}_config"] = res.seconds[res.best.name] * 1e6, res.best.name
+                    rec[f"{name}_configs_us"] = {c: s * 1e6 for c, s in res.seconds.items()}
                 except RuntimeError as e:  # no config compiled and matched the reference: recorded, skipped
                     rec[f"{name}_error"] = str(e)[:300]
             timed = {b: rec[f"{b}_us"] for b in CUDA_KERNELS if f"{b}_us" in rec}

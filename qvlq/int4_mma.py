@@ -66,18 +66,31 @@ MAX_GRID_Y = 65535  # rows of x per launch
 
 class Config(NamedTuple):
     """warps: warps per block, each taking a share of the K steps; tiles: 16-row tiles per block (a lane's x
-    loads serve all of them); fence: all loads of a step issued before its first mma (see SOURCE)."""
+    loads serve all of them); fence: all loads of a step issued before its first mma (see SOURCE); stages:
+    0 = each step's operands loaded into registers, else a ring of that many steps per warp in shared memory
+    filled by cp.async, stages - 1 steps in flight while one is computed (fence then has no use)."""
 
     warps: int
     tiles: int
     fence: int = 1
+    stages: int = 0
 
     @property
     def name(self) -> str:
-        return f"w{self.warps}t{self.tiles}" + ("" if self.fence else "-nofence")
+        tail = f"s{self.stages}" if self.stages else "" if self.fence else "-nofence"
+        return f"w{self.warps}t{self.tiles}{tail}"
+
+    def shared_bytes(self, group_size: int) -> int:
+        """Static shared memory of the ring (the 48 KB a static allocation may take bounds the configs)."""
+        gps = 1 if group_size // CHUNK >= 4 else 4 // (group_size // CHUNK)
+        return self.warps * self.stages * (self.tiles * (2048 + 64 * gps) + 512)
 
 
-CONFIGS = tuple(Config(w, t, f) for f in (1, 0) for w, t in ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2)))
+SHARED_LIMIT = 48 * 1024
+# the ring's configs fit SHARED_LIMIT at every group size (group 64 takes the most metadata)
+CONFIGS = tuple(Config(w, t, f) for f in (1, 0) for w, t in ((4, 1), (8, 1), (16, 1), (4, 2), (8, 2))) + tuple(
+    Config(w, t, 1, s) for w, t, s in ((4, 1, 2), (4, 1, 3), (4, 1, 4), (8, 1, 2), (2, 1, 4), (2, 1, 6), (4, 2, 2))
+)
 DEFAULT_CONFIG = Config(8, 1)
 ENV_NVRTC = "QVLQ_NVRTC"  # path of libnvrtc.so, when it is not found on its own
 
@@ -99,6 +112,21 @@ __device__ __forceinline__ unsigned int and_or(unsigned int a, unsigned int b, u
 __device__ __forceinline__ unsigned int fma2(unsigned int a, unsigned int b, unsigned int c) {
   unsigned int d; asm(FMA2 " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
+// cp.async (sm_80+): global -> shared without registers, in commit groups; wait_group N leaves the N newest
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+  unsigned int a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+__device__ __forceinline__ void sync_warp() { asm volatile("bar.warp.sync -1;" ::: "memory"); }
 __device__ __forceinline__ unsigned short to_half(float v) {
   unsigned short h; asm(CVT " %0, %1;" : "=h"(h) : "f"(v)); return h;
 }
@@ -125,12 +153,42 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   const int gid = lane >> 2, tq = lane & 3;
   const int tile0 = blockIdx.x * TN, m = blockIdx.y;
   const int chunks = K / 64, steps = K / 256;
-  const u4* xp = reinterpret_cast<const u4*>(x + (u64)m * ldx) + tq * 2;
   const int s0 = warp * steps / WARPS, s1 = (warp + 1) * steps / WARPS;
   const unsigned int mask = 0x000F000Fu, magic = MAGIC, one = ONE2;
   float acc[TN][2];
 #pragma unroll
   for (int t = 0; t < TN; ++t) acc[t][0] = acc[t][1] = 0.f;
+  // one step's math on its operands in registers
+  auto step = [&](const u4 (&wv)[TN][4], const u4 (&xv)[4][2], const u2 (&md)[TN][GPS]) {
+#pragma unroll
+    for (int t = 0; t < TN; ++t) {
+      float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const u2 mi = md[t][CPG >= 4 ? 0 : i / CPG];
+        const unsigned int z0 = (mi.y & 0xFFFFu) * 0x10001u, z1 = (mi.y >> 16) * 0x10001u;  // both halves
+        const unsigned int w[4] = {wv[t][i].x, wv[t][i].y, wv[t][i].z, wv[t][i].w};
+        const unsigned int b[8] = {xv[i][0].x, xv[i][0].y, xv[i][0].z, xv[i][0].w,
+                                   xv[i][1].x, xv[i][1].y, xv[i][1].z, xv[i][1].w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          unsigned int a[4];
+#pragma unroll
+          for (int p = 0; p < 4; ++p)  // magic + q, then + (-(magic + z)): q - z, exact
+            a[p] = fma2(and_or(w[j] >> (4 * p), mask, magic), one, (p & 1) ? z1 : z0);
+          mma((j & 1) ? e : d, a, b[2 * j], b[2 * j + 1]);  // two accumulator sets: back-to-back mma do not wait
+        }
+        if ((CPG < 4 && i % CPG == CPG - 1) || i == 3) {  // end of a group, or of the step
+          acc[t][0] += fp16_to_float(mi.x) * (d[0] + e[0]);
+          acc[t][1] += fp16_to_float(mi.x >> 16) * (d[2] + e[2]);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) d[r] = e[r] = 0.f;
+        }
+      }
+    }
+  };
+#if STAGES == 0
+  const u4* xp = reinterpret_cast<const u4*>(x + (u64)m * ldx) + tq * 2;
   auto load = [&](int s, u4 (&wv)[TN][4], u4 (&xv)[4][2], u2 (&md)[TN][GPS]) {  // one step's operands
 #pragma unroll
     for (int t = 0; t < TN; ++t)
@@ -160,33 +218,57 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     for (int i = 0; i < 4; ++i) all ^= xv[i][0].x ^ xv[i][1].x;
     xv[0][0].x |= all & zero;
 #endif
-#pragma unroll
-    for (int t = 0; t < TN; ++t) {
-      float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const u2 mi = md[t][CPG >= 4 ? 0 : i / CPG];
-        const unsigned int z0 = (mi.y & 0xFFFFu) * 0x10001u, z1 = (mi.y >> 16) * 0x10001u;  // both halves
-        const unsigned int w[4] = {wv[t][i].x, wv[t][i].y, wv[t][i].z, wv[t][i].w};
-        const unsigned int b[8] = {xv[i][0].x, xv[i][0].y, xv[i][0].z, xv[i][0].w,
-                                   xv[i][1].x, xv[i][1].y, xv[i][1].z, xv[i][1].w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          unsigned int a[4];
-#pragma unroll
-          for (int p = 0; p < 4; ++p)  // magic + q, then + (-(magic + z)): q - z, exact
-            a[p] = fma2(and_or(w[j] >> (4 * p), mask, magic), one, (p & 1) ? z1 : z0);
-          mma((j & 1) ? e : d, a, b[2 * j], b[2 * j + 1]);  // two accumulator sets: back-to-back mma do not wait
-        }
-        if ((CPG < 4 && i % CPG == CPG - 1) || i == 3) {  // end of a group, or of the step
-          acc[t][0] += fp16_to_float(mi.x) * (d[0] + e[0]);
-          acc[t][1] += fp16_to_float(mi.x >> 16) * (d[2] + e[2]);
-#pragma unroll
-          for (int r = 0; r < 4; ++r) d[r] = e[r] = 0.f;
-        }
-      }
-    }
+    step(wv, xv, md);
   }
+#else
+  // A ring of STAGES steps per warp in shared memory, filled by cp.async: while one step is computed the
+  // next STAGES - 1 are in flight, and bytes in flight cost no registers (with registers, a warp holds one
+  // step and the register file bounds the bytes in flight per SM). A slot: the warp's weights as each lane
+  // loads them, the step's 256 inputs of x, its groups' metadata.
+  struct Slot { u4 w[TN][4][32]; u4 x[32]; u2 m[TN][GPS][8]; };
+  __shared__ Slot ring_all[WARPS][STAGES];
+  Slot* ring = ring_all[warp];
+  const u4* xrow = reinterpret_cast<const u4*>(x + (u64)m * ldx);
+  const int n = s1 - s0;
+  auto issue = [&](int s, Slot& sl) {
+#pragma unroll
+    for (int t = 0; t < TN; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        cp_async16(&sl.w[t][i][lane], &qw[((u64)(tile0 + t) * chunks + s * 4 + i) * 32 + lane]);
+    cp_async16(&sl.x[lane], &xrow[s * 32 + lane]);
+    for (int e = lane; e < TN * GPS * 8; e += 32) {
+      const int t = e / (GPS * 8), q = (e / 8) % GPS, r = e % 8;
+      cp_async8(&sl.m[t][q][r], &meta[((u64)(tile0 + t) * G + s * 4 / CPG + q) * 8 + r]);
+    }
+  };
+#pragma unroll
+  for (int k = 0; k < STAGES - 1; ++k) {  // one commit group per step, empty past the warp's last step
+    if (k < n) issue(s0 + k, ring[k]);
+    cp_async_commit();
+  }
+  for (int k = 0; k < n; ++k) {
+    if (k + STAGES - 1 < n) issue(s0 + k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();  // this lane's copies of step k have landed
+    sync_warp();  // and every other lane's
+    const Slot& sl = ring[k % STAGES];
+    u4 wv[TN][4], xv[4][2];
+    u2 md[TN][GPS];
+#pragma unroll
+    for (int t = 0; t < TN; ++t)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wv[t][i] = sl.w[t][i][lane];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { xv[i][0] = sl.x[i * 8 + tq * 2]; xv[i][1] = sl.x[i * 8 + tq * 2 + 1]; }
+#pragma unroll
+    for (int t = 0; t < TN; ++t)
+#pragma unroll
+      for (int q = 0; q < GPS; ++q) md[t][q] = sl.m[t][q][gid];
+    sync_warp();  // every lane has read the slot before the next iteration refills it
+    step(wv, xv, md);
+  }
+#endif
   __shared__ float red[WARPS][TN * 16];
   if (tq == 0) {
 #pragma unroll
@@ -495,6 +577,7 @@ def defines(dtype: torch.dtype, group_size: int, cfg: Config) -> dict[str, str]:
         "WARPS": str(cfg.warps),
         "TN": str(cfg.tiles),
         "FENCE": str(cfg.fence),
+        "STAGES": str(cfg.stages),
     }
 
 
@@ -603,16 +686,24 @@ def launch(
 # torch.compile(fullgraph=True) traces QuantLinear.forward: the ctypes launch must be opaque to dynamo.
 @torch.library.custom_op("qvlq::int4_mma_gemv", mutates_args=())
 def _int4_mma_op(
-    x: Tensor, qweight: Tensor, meta: Tensor, bias: Tensor | None, group_size: int, warps: int, tiles: int, fence: int
+    x: Tensor,
+    qweight: Tensor,
+    meta: Tensor,
+    bias: Tensor | None,
+    group_size: int,
+    warps: int,
+    tiles: int,
+    fence: int,
+    stages: int,
 ) -> Tensor:
     p = Packed(qweight, meta, group_size, x.dtype)
     if x.device.type != "cuda":  # CPU: the lane-by-lane model of the kernel
         return emulate(x, p, bias)
-    return launch(x, p, bias, Config(warps, tiles, fence))
+    return launch(x, p, bias, Config(warps, tiles, fence, stages))
 
 
 @_int4_mma_op.register_fake
-def _(x, qweight, meta, bias, group_size, warps, tiles, fence):
+def _(x, qweight, meta, bias, group_size, warps, tiles, fence, stages):
     return x.new_empty(x.shape[0], qweight.shape[0] * 16)
 
 

@@ -19,15 +19,17 @@ class TableSpec:
 
 
 def render_rich(tables: Sequence[TableSpec]) -> list[Any]:
+    """Rich tables; cells and titles are plain text (a "[w4t1]" in a cell is shown, not read as markup)."""
     from rich.table import Table
+    from rich.text import Text
 
     out = []
     for t in tables:
-        rt = Table(title=t.title, caption=t.caption or None, show_lines=False, header_style="bold")
+        rt = Table(title=Text(t.title), caption=Text(t.caption) if t.caption else None, header_style="bold")
         for c in t.columns:
-            rt.add_column(c, overflow="fold")
+            rt.add_column(Text(c), overflow="fold")
         for r in t.rows:
-            rt.add_row(*r)
+            rt.add_row(*(Text(x) for x in r))
         out.append(rt)
     return out
 

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -86,6 +87,21 @@ static void mma(float* d, const unsigned int* a, unsigned int b0, unsigned int b
   w.bar->arrive_and_wait();
   std::memcpy(d, w.c[q][lane], 16);
 }
+
+// cp.async as the PTX ISA defines it: a copy lands at some point before the wait_group that covers its
+// commit group. Here it lands exactly there (deferred memcpy), so a read of a slot before its wait, or of
+// another lane's copy before sync_warp, sees stale data (the other lane's thread may not have waited yet).
+struct Copy { void* dst; const void* src; int bytes; };
+thread_local std::vector<Copy> pending;
+thread_local std::deque<std::vector<Copy>> groups;
+static void cp_async16(void* dst, const void* src) { pending.push_back({dst, src, 16}); }
+static void cp_async8(void* dst, const void* src) { pending.push_back({dst, src, 8}); }
+static void cp_async_commit() { groups.push_back(std::move(pending)); pending.clear(); }
+template <int N> static void cp_async_wait() {
+  for (; (int)groups.size() > N; groups.pop_front())
+    for (const Copy& c : groups.front()) std::memcpy(c.dst, c.src, c.bytes);
+}
+static void sync_warp() { warps[threadIdx.x >> 5].bar->arrive_and_wait(); }
 
 #include "kernel.cu"
 

@@ -227,6 +227,13 @@ HOST_CASES = [  # (dtype, N, K, group, config, rows, bias, pad): warps without s
     (torch.bfloat16, 16, 1024, 512, M.Config(16, 1), 1, True, 0),
     (torch.bfloat16, 32, 512, -1, M.Config(4, 1, fence=0), 1, False, 0),
     (torch.float16, 32, 1024, 256, M.Config(8, 2), 3, True, 8),
+    # the cp.async ring: fewer steps than slots, groups of 64 with two tiles (64 metadata copies a step), a ring
+    # that wraps, warps with uneven and with no steps, one group over all inputs
+    (torch.bfloat16, 32, 1024, 128, M.Config(4, 1, 1, 3), 2, True, 0),
+    (torch.float16, 64, 2048, 64, M.Config(4, 2, 1, 2), 1, False, 8),
+    (torch.bfloat16, 16, 3072, 128, M.Config(2, 1, 1, 6), 1, True, 0),
+    (torch.bfloat16, 32, 2560, 256, M.Config(8, 1, 1, 2), 3, False, 0),
+    (torch.bfloat16, 16, 768, -1, M.Config(4, 1, 1, 4), 1, True, 0),
 ]
 
 
@@ -250,6 +257,26 @@ def test_host_build_notices_a_kernel_bug(tmp_path):
     assert bug != M.SOURCE
     y = host_kernel(tmp_path, p, x, None, M.DEFAULT_CONFIG, source=bug)
     assert mismatch(y, M.reference(x.float(), p)) is not None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
+def test_host_build_notices_a_ring_read_before_its_copies_land(tmp_path):
+    p, _ = random_packed(16, 2048, 128, torch.bfloat16)
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    cfg = M.Config(2, 1, 1, 3)
+    assert mismatch(host_kernel(tmp_path, p, x, None, cfg), M.reference(x.float(), p)) is None
+    bug = M.SOURCE.replace("cp_async_wait<STAGES - 1>();", "cp_async_wait<STAGES>();")
+    assert bug != M.SOURCE
+    assert mismatch(host_kernel(tmp_path, p, x, None, cfg, source=bug), M.reference(x.float(), p)) is not None
+
+
+def test_ring_configs_fit_static_shared_memory():
+    ring = [c for c in M.CONFIGS if c.stages]
+    assert ring and all(c.stages >= 2 for c in ring)
+    for gs in (64, 128, 256, -1):
+        for c in ring:
+            assert c.shared_bytes(4096 if gs == -1 else gs) <= M.SHARED_LIMIT, (c.name, gs)
+    assert len({c.name for c in M.CONFIGS}) == len(M.CONFIGS)
 
 
 def test_layout_probe_is_clean_for_the_model_and_names_misplaced_weights():

@@ -299,3 +299,19 @@ def test_unexpected_error_in_one_cell_is_reported(monkeypatch):
     status = {c.engine: c.status for c in report.speed}
     assert status == {"fast": "error: RuntimeError: inductor exploded", "hf": "ok"}
     assert report.crosschecks == []  # nothing to compare against
+
+
+def test_rich_tables_show_cells_as_plain_text():
+    """A kernel choice reads "mma 9.4 us [w4t1]": rich must not take "[w4t1]" for markup and drop it."""
+    import io
+
+    from rich.console import Console
+
+    from qvlq.report import TableSpec, render_rich
+
+    con = Console(record=True, width=120, file=io.StringIO())
+    for t in render_rich([TableSpec("choice [a]", ["kernel [b]"], [["mma 9.4 us [w4t1] -> mma"]], "note [c]")]):
+        con.print(t)
+    text = con.export_text()
+    for s in ("choice [a]", "kernel [b]", "mma 9.4 us [w4t1] -> mma", "note [c]"):
+        assert s in text
