@@ -358,16 +358,36 @@ def profile_cmd(
                      "int4_cuda, triton, mma, dequant or auto. Default: $QVLQ_INT4_BACKEND, else fastest."),
     ] = None,  # fmt: skip
     seed: Annotated[int, typer.Option(help="Seed of the random weights and pixels.")] = 0,
+    render: Annotated[
+        Path | None,
+        typer.Option(help="Run nothing: render this report.json again (tables, markdown, SVG, plots) into --out."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Speed and memory of BF16 vs Int4 on the seed's protocol (one image + text, generate context-258 tokens)."""
     import time
 
     from .int4 import env_backend
-    from .profile import ProfileSettings, parse_engines, parse_int_list, parse_windowed, run_profile
-    from .profile_report import check_out_dir, report_json, report_tables, write_report
+    from .profile import ProfileReport, ProfileSettings, parse_engines, parse_int_list, parse_windowed, run_profile
+    from .profile_report import check_out_dir, load_report, report_json, report_tables, write_report
     from .report import render_rich
 
+    def show(report: ProfileReport, path: Path) -> None:
+        console.print(f"report written to {path}/ (report.md, report.json, report.svg, speed.png, memory.png)")
+        if as_json:
+            emit_json(report_json(report))
+        else:
+            for note in report.notes:
+                out.print(note, highlight=False, markup=False)
+            for table in render_rich(report_tables(report)):
+                out.print(table)
+
+    if render is not None:
+        if out_dir is None or models:
+            raise ValueError("--render takes no models and needs --out (the directory to write)")
+        report = load_report(render)
+        show(report, write_report(report, check_out_dir(out_dir, None, overwrite), overwrite=overwrite))
+        return
     ctx = parse_int_list(contexts, "--contexts")
     settings = ProfileSettings(
         models=list(models or []), random_weights=random_weights,
@@ -387,15 +407,7 @@ def profile_cmd(
         console.print(f"[dim]{time.strftime('%H:%M:%S')} +{time.monotonic() - t0:6.1f}s[/] {msg}", highlight=False)
 
     report = run_profile(settings, log=log)
-    path = write_report(report, path, overwrite=overwrite)
-    console.print(f"report written to {path}/ (report.md, report.json, report.svg, speed.png, memory.png)")
-    if as_json:
-        emit_json(report_json(report))
-    else:
-        for note in report.notes:
-            out.print(note, highlight=False, markup=False)
-        for table in render_rich(report_tables(report)):
-            out.print(table)
+    show(report, write_report(report, path, overwrite=overwrite))
 
 
 @app.command("train-mini")

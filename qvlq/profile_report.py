@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .profile import MemoryCell, ProfileReport, SpeedCell
+from .measure import LatencyStats
+from .profile import CrossCheck, Environment, MemoryCell, ModelInfo, ProfileReport, SpeedCell
 from .report import TableSpec, markdown_tables, md_escape, save_tables_svg
 
 
@@ -260,6 +261,24 @@ def plot_memory(report: ProfileReport, path: Path) -> None:
 
 def report_json(report: ProfileReport) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(report), default=str))
+
+
+def load_report(path: str | os.PathLike) -> ProfileReport:
+    """A report.json written by `write_report`, back as a ProfileReport (to render it again)."""
+    try:
+        d = json.loads(Path(path).read_text())
+        return ProfileReport(
+            **{k: d[k] for k in ("settings", "bandwidth_gbs", "nominal_peak_gbs", "engines", "notes", "started")},
+            seconds=d["seconds"],
+            environment=Environment(**d["environment"]),
+            models=[ModelInfo(**m) for m in d["models"]],
+            speed=[SpeedCell(**{**c, "latency": c["latency"] and LatencyStats(**c["latency"])}) for c in d["speed"]],
+            memory=[MemoryCell(**m) for m in d["memory"]],
+            crosschecks=[CrossCheck(**c) for c in d["crosschecks"]],
+            seed_reference=d.get("seed_reference") or {},
+        )
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a qvlq profile report.json ({type(e).__name__}: {e})") from None
 
 
 def default_out_dir(device: str | torch.device | None = None) -> Path:

@@ -157,6 +157,18 @@ def test_cli_profile_json(tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already exists" in again.output
 
+    # --render: the same report.json rendered again, nothing run
+    again = CliRunner().invoke(app, ["profile", "--render", str(out / "report.json"), "--out", str(tmp_path / "re")])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "re" / "report.md").read_text() == (out / "report.md").read_text()
+    assert json.loads((tmp_path / "re" / "report.json").read_text()) == data
+    assert (tmp_path / "re" / "speed.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text('{"speed": []}')
+    bad = CliRunner().invoke(app, ["profile", "--render", str(tmp_path / "bad.json"), "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "not a qvlq profile report.json" in bad.output and not (tmp_path / "b").exists()
+    no_out = CliRunner().invoke(app, ["profile", "--render", str(out / "report.json")])
+    assert no_out.exit_code == 2 and "needs --out" in no_out.output
+
 
 def test_int4_kernel_option_is_validated_and_follows_the_environment(tmp_path, monkeypatch):
     args = ["profile", "--random-weights", "tiny", "--device", "cpu", "--out", str(tmp_path / "x")]
