@@ -5,8 +5,8 @@ the copy bandwidth there and qvlq's Triton kernel less (reports/int4/): both spe
 float instructions per weight. Here the dequantization costs ~1.4 instructions per weight and the
 multiply-add none: the weight tile is operand A of `mma.m16n8k16` (16 outputs x 16 inputs), x is
 operand B (its one column repeated in all 8), the tensor core accumulates in fp32 (sm_90 SASS of the main
-loop: ~1.8 instructions per weight in all, no spills). Status: written and verified without a GPU (see the
-last paragraph); its speed is unmeasured until benchmarks/gpu_checks.sh runs on one.
+loop: ~1.8 instructions per weight in all, no spills). Measured (reports/int4/): 1.35-1.66x tinygemm per
+full-size shape on an H200, 1.22-1.38x on an H100 (73-77% of the copy bandwidth on the large shapes).
 
 Per packed int32 word (8 codes) a lane builds its four A registers (two 16-bit values each) as
     a_p = ((w >> 4p) & 0x000F000F) | MAGIC        p = 0..3: low half = code p, high half = code p + 4
@@ -47,7 +47,7 @@ import os
 import site
 import sys
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -99,6 +99,7 @@ SOURCE = r"""
 // below; tests build the kernel for the host with C++ versions of them (QVLQ_HOST, see host_harness).
 struct alignas(16) u4 { unsigned int x, y, z, w; };
 struct alignas(8) u2 { unsigned int x, y; };
+struct alignas(16) f4 { float x, y, z, w; };
 typedef unsigned long long u64;
 #ifndef QVLQ_HOST
 __device__ __forceinline__ float fp16_to_float(unsigned int h) {  // the low 16 bits
@@ -127,6 +128,13 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 }
 __device__ __forceinline__ void sync_warp() { asm volatile("bar.warp.sync -1;" ::: "memory"); }
+__device__ __forceinline__ float act_to_float(unsigned int h) {  // the low 16 bits, in the activation dtype
+#if ACT_BF16
+  float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"((h & 0xFFFFu) << 16)); return f;
+#else
+  return fp16_to_float(h);
+#endif
+}
 __device__ __forceinline__ unsigned short to_half(float v) {
   unsigned short h; asm(CVT " %0, %1;" : "=h"(h) : "f"(v)); return h;
 }
@@ -284,6 +292,40 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     y[(u64)m * ldy + n] = to_half(sum);
   }
 }
+
+// The dense weight for prefill (many rows: one GEMM beats re-reading the int4 weight per row):
+// W[n, k] = s * (q - z) in fp32, rounded once to the output type, as `dequantize` computes it. One thread
+// per packed word: its 8 codes are 4 consecutive inputs of rows g and g+8 (the lane map in the module
+// docstring), so each row is one 8- or 16-byte store.
+extern "C" __global__ void __launch_bounds__(256) qvlq_int4_dequant(
+    const unsigned int* __restrict__ qw, const u2* __restrict__ meta, void* __restrict__ out, int K, int G,
+    long long words, int out_f32) {
+  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= words) return;
+  const int j = (int)(i & 3), lane = (int)((i >> 2) & 31), chunks = K / 64;
+  const long long tc = i >> 7;  // tile * chunks + chunk
+  const long long t = tc / chunks;
+  const int c = (int)(tc % chunks), gid = lane >> 2, tq = lane & 3;
+  const unsigned int w = qw[i];
+  const u2 md = meta[((u64)t * G + c / CPG) * 8 + gid];
+  const int k0 = c * 64 + 16 * tq + 4 * j;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {  // row g + 8h: registers h and h + 2, low and high halves
+    const float sc = fp16_to_float(md.x >> (16 * h)), z = -act_to_float(md.y >> (16 * h)) - MAGIC_VALUE;
+    const int nib[4] = {h, h + 4, h + 2, h + 6};  // inputs k0, k0 + 1, k0 + 2, k0 + 3
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = ((float)((w >> (4 * nib[e])) & 0xFu) - z) * sc;
+    const u64 at = (u64)(t * 16 + gid + 8 * h) * K + k0;
+    if (out_f32) {
+      *reinterpret_cast<f4*>(reinterpret_cast<float*>(out) + at) = f4{v[0], v[1], v[2], v[3]};
+    } else {
+      const unsigned int lo = to_half(v[0]) | ((unsigned int)to_half(v[1]) << 16);
+      const unsigned int hi = to_half(v[2]) | ((unsigned int)to_half(v[3]) << 16);
+      *reinterpret_cast<u2*>(reinterpret_cast<unsigned short*>(out) + at) = u2{lo, hi};
+    }
+  }
+}
 """
 
 
@@ -388,9 +430,20 @@ def _rows16(words: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> Tensor:
-    """W [K, N] = s * (q - z) in fp32, rounded once (inputs in group order; a transposed view of an [N, K]
-    tensor). One nibble position at a time, so the transient memory stays ~1 byte per weight besides the
-    result: this is the dense prefill path of a lean QuantLinear, whose peak memory the profile reports."""
+    """W [K, N] = s * (q - z) in fp32, rounded once to dtype (inputs in group order; a transposed view of an
+    [N, K] tensor): the dense prefill path of the mma backend. On CUDA, for fp32 or the dtype p was packed
+    for, one kernel (qvlq_int4_dequant, ~2.5 bytes of traffic per weight, no transient memory); elsewhere
+    `dequantize_torch`, bit for bit the same values."""
+    if p.qweight.is_cuda and dtype in (torch.float32, p.dtype) and runtime_error() is None:
+        w = torch.ops.qvlq.int4_mma_dequantize(p.qweight, p.meta, p.group_size, p.dtype == torch.bfloat16,
+                                               dtype == torch.float32)  # fmt: skip
+        return w.T
+    return dequantize_torch(p, dtype)
+
+
+def dequantize_torch(p: Packed, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`dequantize` in torch operations, one nibble position at a time, so the transient memory stays ~1
+    byte per weight besides the result (the profile reports a lean QuantLinear's peak memory)."""
     t, c = p.qweight.shape[:2]
     cpg = p.group_size // CHUNK
     _, magic_value, _, _ = FORMATS[p.dtype]
@@ -406,8 +459,8 @@ def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 def reference(x: Tensor, p: Packed, bias: Tensor | None = None) -> Tensor:
-    """The kernel's result by dense fp32 math, in x's dtype."""
-    y = x.float() @ dequantize(p)
+    """The kernel's result by dense fp32 math, in x's dtype (torch operations only: no kernel of this module)."""
+    y = x.float() @ dequantize_torch(p)
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -578,6 +631,8 @@ def defines(dtype: torch.dtype, group_size: int, cfg: Config) -> dict[str, str]:
         "TN": str(cfg.tiles),
         "FENCE": str(cfg.fence),
         "STAGES": str(cfg.stages),
+        "ACT_BF16": str(int(dtype == torch.bfloat16)),
+        "MAGIC_VALUE": f"{FORMATS[dtype][1]:.1f}f",
     }
 
 
@@ -618,8 +673,17 @@ def _check_cu(rc: int, what: str) -> None:
 
 
 @functools.cache
-def _function(device_index: int, dtype: torch.dtype, group_size: int, cfg: Config) -> ctypes.c_void_p:
-    """The compiled kernel on one device (module kept alive by the cache)."""
+def _function(device_index: int, dtype: torch.dtype, group_size: int, cfg: Config, name: str) -> ctypes.c_void_p:
+    """One kernel of SOURCE compiled for one device (the module kept alive in _MODULES). The dequantize
+    kernel ignores the config: it is taken from the module compiled for DEFAULT_CONFIG."""
+    module = _module(device_index, dtype, group_size, cfg)
+    fn = ctypes.c_void_p()
+    _check_cu(_cuda().cuModuleGetFunction(ctypes.byref(fn), module, name.encode()), f"cuModuleGetFunction {name}")
+    return fn
+
+
+@functools.cache
+def _module(device_index: int, dtype: torch.dtype, group_size: int, cfg: Config) -> ctypes.c_void_p:
     major, minor = torch.cuda.get_device_capability(device_index)
     cubin = compile_cubin(f"sm_{major}{minor}", defines(dtype, group_size, cfg))
     cu = _cuda()
@@ -631,11 +695,19 @@ def _function(device_index: int, dtype: torch.dtype, group_size: int, cfg: Confi
             _check_cu(cu.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
         if not ctx.value:
             raise RuntimeError("no current CUDA context on this thread for the int4_mma kernel")
-        module, fn = ctypes.c_void_p(), ctypes.c_void_p()
+        module = ctypes.c_void_p()
         _check_cu(cu.cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
-        _check_cu(cu.cuModuleGetFunction(ctypes.byref(fn), module, b"qvlq_int4_mma"), "cuModuleGetFunction")
     _MODULES.append(module)
-    return fn
+    return module
+
+
+def _cu_launch(fn: ctypes.c_void_p, index: int, grid: tuple[int, int], block: int, args: list[Any]) -> None:
+    """cuLaunchKernel on the current stream of device `index` (the context the module was loaded in)."""
+    with torch.cuda.device(index):
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])  # ~5x cheaper than cast
+        rc = _cuda().cuLaunchKernel(fn, grid[0], grid[1], 1, block, 1, 1, 0, stream, params, None)
+        _check_cu(rc, "cuLaunchKernel")
 
 
 _MODULES: list[ctypes.c_void_p] = []
@@ -663,23 +735,36 @@ def launch(
     if m == 0:
         return y
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    fn = _function(index, p.dtype, p.group_size, cfg)
+    fn = _function(index, p.dtype, p.group_size, cfg, "qvlq_int4_mma")
     b = None if bias is None else bias.float().contiguous()
-    with torch.cuda.device(index):  # the launch uses the thread's current context: the one the module is in
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        for r0 in range(0, m, MAX_GRID_Y):  # grid.y is at most 65535 rows
-            rows = min(MAX_GRID_Y, m - r0)
-            args = [
-                ctypes.c_void_p(p.qweight.data_ptr()), ctypes.c_void_p(p.meta.data_ptr()),
-                ctypes.c_void_p(x[r0].data_ptr()), ctypes.c_void_p(b.data_ptr() if b is not None else 0),
-                ctypes.c_void_p(y[r0].data_ptr()), ctypes.c_int(k), ctypes.c_int(p.meta.shape[1]),
-                ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)), ctypes.c_uint(0),
-            ]  # fmt: skip
-            params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])  # ~5x cheaper than cast
-            grid_x = p.out_features // (16 * cfg.tiles)
-            rc = _cuda().cuLaunchKernel(fn, grid_x, rows, 1, cfg.warps * 32, 1, 1, 0, stream, params, None)
-            _check_cu(rc, "cuLaunchKernel")
+    for r0 in range(0, m, MAX_GRID_Y):  # grid.y is at most 65535 rows
+        rows = min(MAX_GRID_Y, m - r0)
+        args = [
+            ctypes.c_void_p(p.qweight.data_ptr()), ctypes.c_void_p(p.meta.data_ptr()),
+            ctypes.c_void_p(x[r0].data_ptr()), ctypes.c_void_p(b.data_ptr() if b is not None else 0),
+            ctypes.c_void_p(y[r0].data_ptr()), ctypes.c_int(k), ctypes.c_int(p.meta.shape[1]),
+            ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)), ctypes.c_uint(0),
+        ]  # fmt: skip
+        _cu_launch(fn, index, (p.out_features // (16 * cfg.tiles), rows), cfg.warps * 32, args)
     return y
+
+
+def launch_dequantize(p: Packed, out_f32: bool) -> Tensor:
+    """W [N, K] on CUDA by the qvlq_int4_dequant kernel: fp32, or the dtype p was packed for."""
+    for t in (p.qweight, p.meta):
+        if not t.is_contiguous() or t.data_ptr() % 16 or not t.is_cuda:
+            raise ValueError("packed weight must be contiguous, 16-byte aligned and on a CUDA device")
+    dtype = torch.float32 if out_f32 else p.dtype
+    out = torch.empty(p.out_features, p.in_features, dtype=dtype, device=p.qweight.device)
+    index = out.device.index if out.device.index is not None else torch.cuda.current_device()
+    words = p.qweight.numel()
+    args = [
+        ctypes.c_void_p(p.qweight.data_ptr()), ctypes.c_void_p(p.meta.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_int(p.in_features), ctypes.c_int(p.meta.shape[1]), ctypes.c_longlong(words), ctypes.c_int(out_f32),
+    ]  # fmt: skip
+    fn = _function(index, p.dtype, p.group_size, DEFAULT_CONFIG, "qvlq_int4_dequant")
+    _cu_launch(fn, index, ((words + 255) // 256, 1), 256, args)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ custom op
@@ -705,6 +790,17 @@ def _int4_mma_op(
 @_int4_mma_op.register_fake
 def _(x, qweight, meta, bias, group_size, warps, tiles, fence, stages):
     return x.new_empty(x.shape[0], qweight.shape[0] * 16)
+
+
+@torch.library.custom_op("qvlq::int4_mma_dequantize", mutates_args=())
+def _dequantize_op(qweight: Tensor, meta: Tensor, group_size: int, act_bf16: bool, out_f32: bool) -> Tensor:
+    return launch_dequantize(Packed(qweight, meta, group_size, torch.bfloat16 if act_bf16 else torch.float16), out_f32)
+
+
+@_dequantize_op.register_fake
+def _(qweight, meta, group_size, act_bf16, out_f32):
+    dtype = torch.float32 if out_f32 else torch.bfloat16 if act_bf16 else torch.float16
+    return qweight.new_empty(qweight.shape[0] * 16, qweight.shape[1] * CHUNK, dtype=dtype)
 
 
 def gemv(x: Tensor, p: Packed, bias: Tensor | None = None, cfg: Config = DEFAULT_CONFIG) -> Tensor:

@@ -8,6 +8,7 @@
 // Build: g++ -std=c++20 -O1 -pthread -I<dir with kernel.cu> -DQVLQ_BF16=0|1 <int4_mma.defines as -D> this.cpp
 // Run:   ./a.out <dir> N K G M has_bias [ldx]   (reads qw.bin meta.bin x.bin [bias.bin], writes y.bin;
 //        x.bin holds M rows of ldx values, default K)
+//        ./a.out dequant <dir> N K G out_f32       (qvlq_int4_dequant: reads qw.bin meta.bin, writes w.bin)
 #include <barrier>
 #include <cstdio>
 #include <cstdlib>
@@ -27,6 +28,7 @@
 
 struct Dim { int x = 0, y = 0, z = 0; };
 thread_local Dim threadIdx, blockIdx;
+static Dim blockDim;
 static std::barrier<>* block_barrier;
 static void __syncthreads() { block_barrier->arrive_and_wait(); }
 
@@ -48,6 +50,7 @@ static unsigned int fma2(unsigned int a, unsigned int b, unsigned int c) {
   return lo | (hi << 16);
 }
 static unsigned short to_half(float v) { return f2h(v); }
+static float act_to_float(unsigned int h) { return h2f(h); }
 
 struct Warp {
   std::barrier<>* bar;
@@ -114,7 +117,27 @@ static std::vector<T> load(const std::string& path, size_t n) {
   return v;
 }
 
+// qvlq_int4_dequant: one call per CUDA thread, in order (it has no barriers). W [N, K] -> w.bin.
+static int run_dequant(int argc, char** argv) {
+  if (argc != 7) { std::fprintf(stderr, "usage: %s dequant dir N K G out_f32\n", argv[0]); return 2; }
+  const std::string dir = argv[2];
+  const int N = std::atoi(argv[3]), K = std::atoi(argv[4]), G = std::atoi(argv[5]), out_f32 = std::atoi(argv[6]);
+  auto qw = load<unsigned int>(dir + "/qw.bin", (size_t)N / 16 * K / 64 * 128);
+  auto meta = load<u2>(dir + "/meta.bin", (size_t)N / 16 * G * 8);
+  std::vector<unsigned char> w((size_t)N * K * (out_f32 ? 4 : 2), 0xFF);
+  const long long words = (long long)qw.size();
+  blockDim.x = 256;
+  for (long long i = 0; i < (words + 255) / 256 * 256; ++i) {  // the grid's tail threads return at once
+    blockIdx.x = (int)(i / 256);
+    threadIdx.x = (int)(i % 256);
+    qvlq_int4_dequant(qw.data(), meta.data(), w.data(), K, G, words, out_f32);
+  }
+  std::ofstream(dir + "/w.bin", std::ios::binary).write(reinterpret_cast<const char*>(w.data()), (std::streamsize)w.size());
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "dequant") return run_dequant(argc, argv);
   if (argc != 7 && argc != 8) { std::fprintf(stderr, "usage: %s dir N K G M has_bias [ldx]\n", argv[0]); return 2; }
   const std::string dir = argv[1];
   const int N = std::atoi(argv[2]), K = std::atoi(argv[3]), G = std::atoi(argv[4]), M = std::atoi(argv[5]);

@@ -195,18 +195,38 @@ def test_source_compiles_without_spills(tmp_path, arch, dtype):
 HARNESS = Path(__file__).with_name("int4_mma_host.cpp")
 
 
-def host_kernel(tmp_path: Path, p: M.Packed, x: torch.Tensor, bias: torch.Tensor | None, cfg: M.Config,
-                source: str = M.SOURCE, pad: int = 0) -> torch.Tensor:  # fmt: skip
-    """Run the CUDA source's kernel on the host (tests/int4_mma_host.cpp): y [M, N] in x's dtype. pad: extra
-    NaN values after each row of x (a row stride ldx > K, as a view of a wider tensor has)."""
+def _host_build(tmp_path: Path, p: M.Packed, cfg: M.Config, source: str) -> Path:
+    """tests/int4_mma_host.cpp built with g++ around `source` for p's dtype and group size, once each."""
     defs = [f"-DQVLQ_BF16={int(p.dtype == torch.bfloat16)}"]
     defs += [f"-D{k}={v}" for k, v in M.defines(p.dtype, p.group_size, cfg).items()]
     exe = tmp_path / f"kernel-{hashlib.sha1((source + repr(defs)).encode()).hexdigest()[:12]}"
-    if not exe.exists():  # one build per source and specialisation
+    if not exe.exists():
         (tmp_path / "kernel.cu").write_text(source)
         cmd = ["g++", "-std=c++20", "-O1", "-pthread", f"-I{tmp_path}", *defs, str(HARNESS), "-o", str(exe)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    return exe
+
+
+def host_dequantize(tmp_path: Path, p: M.Packed, out_f32: bool, source: str = M.SOURCE) -> torch.Tensor:
+    """The CUDA source's qvlq_int4_dequant run on the host: W [N, K], fp32 or p's dtype."""
+    exe = _host_build(tmp_path, p, M.DEFAULT_CONFIG, source)
+    p.qweight.numpy().tofile(tmp_path / "qw.bin")
+    p.meta.numpy().tofile(tmp_path / "meta.bin")
+    n, k, g = p.out_features, p.in_features, p.meta.shape[1]
+    args = [str(exe), "dequant", str(tmp_path), str(n), str(k), str(g), str(int(out_f32))]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raw = np.fromfile(tmp_path / "w.bin", dtype=np.float32 if out_f32 else np.int16)
+    w = torch.from_numpy(raw)
+    return (w if out_f32 else w.view(p.dtype)).reshape(n, k)
+
+
+def host_kernel(tmp_path: Path, p: M.Packed, x: torch.Tensor, bias: torch.Tensor | None, cfg: M.Config,
+                source: str = M.SOURCE, pad: int = 0) -> torch.Tensor:  # fmt: skip
+    """Run the CUDA source's kernel on the host (tests/int4_mma_host.cpp): y [M, N] in x's dtype. pad: extra
+    NaN values after each row of x (a row stride ldx > K, as a view of a wider tensor has)."""
+    exe = _host_build(tmp_path, p, cfg, source)
     p.qweight.numpy().tofile(tmp_path / "qw.bin")
     p.meta.numpy().tofile(tmp_path / "meta.bin")
     xp = torch.cat([x, torch.full((x.shape[0], pad), float("nan"), dtype=x.dtype)], dim=1)
@@ -257,6 +277,21 @@ def test_host_build_notices_a_kernel_bug(tmp_path):
     assert bug != M.SOURCE
     y = host_kernel(tmp_path, p, x, None, M.DEFAULT_CONFIG, source=bug)
     assert mismatch(y, M.reference(x.float(), p)) is not None
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
+@pytest.mark.parametrize("dtype,n,k,gs", [(torch.bfloat16, 32, 512, 128), (torch.float16, 16, 768, 64),
+                                          (torch.bfloat16, 16, 1024, -1), (torch.float16, 48, 512, 256)])  # fmt: skip
+def test_dequantize_kernel_on_the_host_is_bit_exact(tmp_path, dtype, n, k, gs):
+    """The prefill path's kernel gives dequantize_torch's values bit for bit, in fp32 and in p's dtype."""
+    p, _ = random_packed(n, k, gs, dtype, seed=n + k)
+    for out_f32, want in ((True, torch.float32), (False, dtype)):
+        got = host_dequantize(tmp_path, p, out_f32)
+        assert got.dtype == want and torch.equal(got, M.dequantize_torch(p, want).T.contiguous())
+    assert torch.equal(M.dequantize(p, dtype), M.dequantize_torch(p, dtype))  # CPU: the torch path
+    bug = M.SOURCE.replace("{h, h + 4, h + 2, h + 6}", "{h, h + 2, h + 4, h + 6}")
+    assert bug != M.SOURCE
+    assert not torch.equal(host_dequantize(tmp_path, p, True, source=bug), M.dequantize_torch(p).T)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
@@ -363,6 +398,8 @@ def test_full_size_kernel_matches_reference(out_in):
     w = M.dequantize(p, torch.bfloat16)
     extra = torch.cuda.max_memory_allocated() - base - w.numel() * 2
     assert extra < 2.5 * w.numel(), f"{extra / w.numel():.2f} transient bytes per weight"
+    assert torch.equal(w, M.dequantize_torch(p, torch.bfloat16))  # the dequantize kernel, bit for bit
+    assert torch.equal(M.dequantize(p), M.dequantize_torch(p))
 
 
 @pytest.mark.gpu
