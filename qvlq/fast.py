@@ -80,6 +80,19 @@ class PrefillCache:
         return kv.k[:, :, :s], kv.v[:, :, :s]
 
 
+@torch.library.custom_op("qvlq::logn_scale", mutates_args=())
+def logn_scale(pos: torch.Tensor, seq_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Qwen's logN query scale at positions pos [S]: log(p + 1) / log(seq_length) past seq_length, else 1."""
+    p1 = (pos + 1).to(torch.float64)
+    scale = torch.where(p1 > seq_length, p1.log() / math.log(seq_length), torch.ones_like(p1))
+    return scale.to(torch.float32).to(dtype)[:, None]
+
+
+@logn_scale.register_fake
+def _(pos: torch.Tensor, seq_length: int, dtype: torch.dtype) -> torch.Tensor:
+    return pos.new_empty((pos.shape[0], 1), dtype=dtype)
+
+
 class Decoder(nn.Module):
     """The unit that gets compiled / captured: one decode step over the static cache."""
 
@@ -117,11 +130,10 @@ class Decoder(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def logn(self, pos: torch.Tensor) -> torch.Tensor:
-        """[S, 1] query scale, in fp32 like the reference's tensor (computed in float64 as Python does)."""
-        p1 = (pos + 1).to(torch.float64)
-        scale = torch.where(p1 > self.seq_length, p1.log() / math.log(self.seq_length), torch.ones_like(p1))
-        return scale.to(torch.float32)[:, None]
+    def logn(self, pos: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[S, 1] query scale, computed as the reference computes it (float64 as Python does, then fp32), in
+        dtype. One opaque op a step: traced as plain ops, inductor recomputed it in a kernel per layer."""
+        return torch.ops.qvlq.logn_scale(pos, self.seq_length, dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """q [B, H, 1, D] over k, v [B, H, kv_len, D]; bias [1, 1, 1, kv_len] is 0 or -inf."""
@@ -161,11 +173,11 @@ class Decoder(nn.Module):
         """tokens [B, 1] at position pos [1] -> logits [B, V]; attends over cache slots [0, kv_len)."""
         t = self.model.transformer
         x = t.wte(tokens)
-        logn = self.logn(pos) if self.use_logn else None
-        if self.attention == "triton":
-            logn_q = None if logn is None else logn.to(x.dtype)  # the reference casts the factor first
+        if self.attention == "triton":  # the reference casts the factor to the query dtype first
+            logn_q = self.logn(pos, x.dtype) if self.use_logn else None
             layer = functools.partial(self.layer_triton, pos=pos, logn=logn_q)
         else:  # per-step tensors, not per layer: the RoPE rows and the causal mask as an additive bias
+            logn = self.logn(pos) if self.use_logn else None
             cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # [1, D] fp32
             allowed = (torch.arange(kv_len, device=pos.device) <= pos).view(1, 1, 1, kv_len)
             bias_dtype = x.dtype if self.attention == "sdpa" else torch.float32
