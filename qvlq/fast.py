@@ -98,9 +98,11 @@ class Decoder(nn.Module):
 
     def __init__(
         self, model: nn.Module, max_seq_len: int, batch_size: int, attention: str = "sdpa",
-        attention_config: DA.Config = DA.DEFAULT_CONFIG,
+        attention_config: DA.Config = DA.DEFAULT_CONFIG, fuse_mlp: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
+        from .int4 import fuse_mma
+
         cfg = model.config
         wte = model.transformer.wte.weight
         self.model = model
@@ -115,6 +117,16 @@ class Decoder(nn.Module):
             KVCache(batch_size, attn.num_heads, max_seq_len, attn.head_dim, wte.dtype, wte.device)
             for _ in model.transformer.h
         )
+        # mlp.w1 and mlp.w2 read the same input: one int4 GEMV where both run the mma kernel (one launch a
+        # layer fewer, the weight read in one stream), at the batch sizes where their own calls use the kernel
+        fused = {}
+        for i, block in enumerate(model.transformer.h):
+            rows = getattr(block.mlp.w1, "dequant_rows", None)
+            if fuse_mlp and (rows is None or batch_size < rows):
+                f = fuse_mma(block.mlp.w1, block.mlp.w2)
+                if f is not None:
+                    fused[str(i)] = f
+        self.fused_mlp = nn.ModuleDict(fused)
         self.register_buffer("cos", torch.zeros(max_seq_len, self.rotary_dim, device=wte.device), persistent=False)
         self.register_buffer("sin", torch.zeros(max_seq_len, self.rotary_dim, device=wte.device), persistent=False)
         # CUDA graphs replay fixed addresses. Dynamo already treats module buffers as static inputs of
@@ -185,9 +197,14 @@ class Decoder(nn.Module):
             layer = functools.partial(
                 self.layer_sdpa, pos=pos, kv_len=kv_len, cos=cos, sin=sin, logn=logn, bias=bias
             )
-        for block, kv in zip(t.h, self.kv, strict=True):
+        for i, (block, kv) in enumerate(zip(t.h, self.kv, strict=True)):
             x = x + block.attn.c_proj(layer(block.attn, block.ln_1(x), kv))
-            x = x + block.mlp(block.ln_2(x))
+            h = block.ln_2(x)
+            if str(i) in self.fused_mlp:  # QWenMLP.forward with w1 and w2 in one launch
+                a1, a2 = self.fused_mlp[str(i)](h)
+                x = x + block.mlp.c_proj(a1 * F.silu(a2))
+            else:
+                x = x + block.mlp(h)
         return self.model.lm_head(t.ln_f(x[:, -1]))
 
 
@@ -209,6 +226,8 @@ class FastEngine:
       timed on this cache geometry at its middle position, the faster kept, see `attention_choice`;
       elsewhere "sdpa").
     compile_backend: torch.compile backend; "aot_eager" traces the same graph without codegen (tests).
+    fuse_mlp: run each layer's mlp.w1 and mlp.w2 as one int4 GEMV where both use the mma kernel
+      (`qvlq.int4.fuse_mma`: the same outputs bit for bit, one launch fewer a layer).
     """
 
     name = "fast"
@@ -223,6 +242,7 @@ class FastEngine:
         kv_block: int | None = None,
         attention: str = "sdpa",
         compile_backend: str = "inductor",
+        fuse_mlp: bool = True,
     ) -> None:
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -257,7 +277,7 @@ class FastEngine:
 
         attention, attn_cfg, self.attention_choice = self._choose_attention(model, attention)
         with torch.inference_mode(False):  # normal tensors: writable in and out of inference mode
-            self.decoder = Decoder(model, self.max_seq_len, self.batch_size, attention, attn_cfg)
+            self.decoder = Decoder(model, self.max_seq_len, self.batch_size, attention, attn_cfg, fuse_mlp)
             self._pos = torch.zeros(1, dtype=torch.long, device=self.device)  # device copy of self._len
             self._tok = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)  # graph input
         self._step_fn = self.decoder
@@ -353,6 +373,7 @@ class FastEngine:
             "kv_block": self.kv_block,
             "kv_cache_bytes": sum(b.numel() * b.element_size() for b in self.decoder.kv.buffers()),
             "int4_backend": getattr(int4, "backend", None),
+            "fused_mlp": len(self.decoder.fused_mlp),  # layers whose mlp.w1 and w2 run as one int4 GEMV
             "ntk_alpha": self._alpha,
             "first_step_s": self.first_step_s,
         }

@@ -543,6 +543,54 @@ class QuantLinear(nn.Module):
         return (y if bias is None else y + bias).reshape(*lead, self.out_features)
 
 
+class FusedGemv(nn.Module):
+    """Two mma-backed QuantLinears that read the same input (a decode step's mlp.w1 and mlp.w2) as one GEMV:
+    one launch instead of two, and each layer's kernel copy becomes a view into the fused one, so the weight
+    is held once. Same config as the two layers had: every output is computed as their own call computes it
+    (bit for bit). Built by `fuse_mma`; valid while neither layer is prepared again (a layer prepared again
+    gets its own copy back; this one keeps computing with the weights it was built from)."""
+
+    def __init__(self, packed: int4_mma.Packed, bias: Tensor | None, cfg: int4_mma.Config, split: int) -> None:
+        super().__init__()
+        self.register_buffer("qweight", packed.qweight, persistent=False)
+        self.register_buffer("meta", packed.meta, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.group_size, self.act_dtype, self.cfg, self.split = packed.group_size, packed.dtype, cfg, split
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        lead = x.shape[:-1]
+        packed = int4_mma.Packed(self.qweight, self.meta, self.group_size, self.act_dtype)
+        y = int4_mma.gemv(x.reshape(-1, x.shape[-1]).to(self.act_dtype), packed, self.bias, self.cfg).to(x.dtype)
+        a, b = y.split([self.split, y.shape[-1] - self.split], dim=-1)
+        return a.reshape(*lead, -1), b.reshape(*lead, -1)
+
+
+def fuse_mma(a: nn.Module, b: nn.Module) -> FusedGemv | None:
+    """`FusedGemv` of two layers when both run the mma kernel with one config, input size, group size and
+    activation dtype, without act-order gathers; else None (the caller keeps the two calls). Fusing the
+    same pair again returns the same module (a second engine on the model shares it)."""
+    if not (isinstance(a, QuantLinear) and isinstance(b, QuantLinear) and a.backend == b.backend == "mma"):
+        return None
+    ca, cb = a._cache, b._cache
+    if ca.get("fused") is not None and ca.get("fused") is cb.get("fused"):
+        return ca["fused"]
+    pa, pb = ca["mpack"], cb["mpack"]
+    key = (pa.in_features, pa.group_size, pa.dtype, ca["mcfg"])
+    if key != (pb.in_features, pb.group_size, pb.dtype, cb["mcfg"]) or "perm" in ca or "perm" in cb:
+        return None
+    qweight, meta = torch.cat([pa.qweight, pb.qweight]), torch.cat([pa.meta, pb.meta])
+    t = pa.qweight.shape[0]  # tiles of a: the views keep 16-byte alignment (a tile is 512 bytes a chunk)
+    ca["mpack"] = pa._replace(qweight=qweight[:t], meta=meta[:t])
+    cb["mpack"] = pb._replace(qweight=qweight[t:], meta=meta[t:])
+    bias = None
+    if "bias_f32" in ca or "bias_f32" in cb:
+        bias = torch.cat([ca.get("bias_f32", a.bias.new_zeros(a.out_features, dtype=torch.float32)),
+                          cb.get("bias_f32", b.bias.new_zeros(b.out_features, dtype=torch.float32))])  # fmt: skip
+    fused = FusedGemv(int4_mma.Packed(qweight, meta, pa.group_size, pa.dtype), bias, ca["mcfg"], a.out_features)
+    ca["fused"] = cb["fused"] = fused
+    return fused
+
+
 def _tinygemm(x2: Tensor, packed: Tensor, sz_bf16: Tensor, group: int) -> Tensor:
     """tinygemm computes in bf16: other activation dtypes are cast in and out."""
     xb = x2.to(torch.bfloat16).contiguous()

@@ -292,11 +292,22 @@ def test_mma_int4_model_matches_hf_in_the_traced_step(monkeypatch) -> None:
     ids = prompt(model.config)
     feats = model.transformer.encode_images(image()).detach()
     ref = greedy(HFEngine(model), ids, steps=8, image_features=feats)
+    mlp = model.transformer.h[0].mlp
+    h = torch.randn(1, 1, 256)
+    separate = (mlp.w1(h), mlp.w2(h))
     engine = FastEngine(model, 320)
-    assert engine.describe()["int4_backend"] == "mma"
+    d = engine.describe()
+    assert d["int4_backend"] == "mma" and d["fused_mlp"] == 1
+    fused = engine.decoder.fused_mlp["0"]
+    assert all(torch.equal(f, s) for f, s in zip(fused(h), separate, strict=True))  # bit for bit
+    assert torch.equal(mlp.w1(h), separate[0]) and torch.equal(mlp.w2(h), separate[1])
+    for layer in (mlp.w1, mlp.w2):  # the layers' own copies are views of the fused weight: held once
+        assert layer._cache["mpack"].qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
     assert_same(greedy(engine, ids, steps=8, image_features=feats), ref)
     compiled = FastEngine(model, 320, compile=True, compile_backend="aot_eager")
+    assert compiled.decoder.fused_mlp["0"] is fused  # a second engine shares it
     assert_same(greedy(compiled, ids, steps=8, image_features=feats), ref)
+    assert FastEngine(model, 320, fuse_mlp=False).describe()["fused_mlp"] == 0
 
 
 # ---------------------------------------------------------------- CUDA (run on the lent GPU)

@@ -169,6 +169,33 @@ def test_quantlinear_wiring_on_cpu(monkeypatch):
             assert rel_error(y, want) < 1e-2
 
 
+def test_fuse_mma_only_where_one_launch_computes_the_same(monkeypatch):
+    """fuse_mma joins two mma layers that read the same input (bias kept per layer, in fp32); it declines
+    other backends, act-order gathers and different configs, so the caller keeps two calls there."""
+    from qvlq import int4
+
+    monkeypatch.setattr(int4.QuantLinear, "_int4_ok", lambda self, backend: None)
+    a = gptq_linear(out=32, inp=256, group_size=128, desc_act=False).prepare("mma")
+    b = gptq_linear(out=48, inp=256, group_size=128, desc_act=False).prepare("mma")
+    b.bias.zero_()
+    b.prepare("mma")  # b without a bias, a with one
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    want = (a(x), b(x))
+    fused = int4.fuse_mma(a, b)
+    assert fused is not None and fused.bias is not None and fused.split == 32
+    assert all(torch.equal(f, w) for f, w in zip(fused(x), want, strict=True))
+    assert torch.equal(a(x), want[0]) and torch.equal(b(x), want[1])  # the layers, on their views
+    assert int4.fuse_mma(a, b) is fused
+    plain = dict(inp=256, group_size=128, desc_act=False)
+    assert int4.fuse_mma(a, gptq_linear(**plain).prepare("dequant")) is None
+    assert int4.fuse_mma(a, gptq_linear(inp=256, group_size=128, desc_act=True).prepare("mma")) is None  # a gather
+    other = gptq_linear(**plain).prepare("mma")
+    other._cache["mcfg"] = M.Config(4, 2)
+    assert int4.fuse_mma(gptq_linear(**plain).prepare("mma"), other) is None
+    b.prepare("mma")  # prepared again: its own copy back, the pair no longer shared
+    assert b._cache.get("fused") is None and torch.equal(b(x), want[1])
+
+
 # ------------------------------------------------------------------------------------------ compilers
 def _nvcc(tmp_path, arch: str, dtype: torch.dtype, gs: int, cfg: M.Config) -> str:
     src = tmp_path / "k.cu"
@@ -421,3 +448,22 @@ def test_quantlinear_mma_in_compiled_graph_and_fastest():
     fast = random_linear(4096, 4096, seed=5).cuda().prepare("fastest")
     rec = [r for r in int4.fastest_choices() if (r["out_features"], r["in_features"]) == (4096, 4096)]
     assert rec and rec[0]["choice"] == fast.backend and rec[0].get("mma_us", 0) > 0, rec
+
+
+@pytest.mark.gpu
+@gpu
+def test_fused_w1_w2_on_cuda_is_bit_identical():
+    """The decode step's mlp.w1 + mlp.w2 as one GEMV at full size, eager and inside a compiled graph."""
+    from qvlq import int4
+
+    w1, w2 = (random_linear(11008, 4096, seed=s).cuda().prepare("mma") for s in (6, 7))
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    want = (w1(x), w2(x))
+    fused = int4.fuse_mma(w1, w2)
+    assert fused is not None and all(torch.equal(f, w) for f, w in zip(fused(x), want, strict=True))
+    step = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        got = [t.clone() for t in step(x)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert torch.equal(w1(x), want[0]) and torch.equal(w2(x), want[1])
