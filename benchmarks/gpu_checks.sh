@@ -94,6 +94,7 @@ if want 1 && (( $(left) >= 40 )); then
     say "1. CUDA tests (limit $(( $(left) < 150 ? $(left) : 150 ))s)"
     timeout -k 5 $(( $(left) < 150 ? $(left) : 150 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_attention.py tests/test_int4_mma.py \
         tests/test_int4_triton.py tests/test_chat.py "tests/test_fast.py::test_cuda_triton_attention_matches_hf" \
+        "tests/test_fast.py::test_cuda_mma_int4_with_fused_mlp_matches_hf" \
         2>&1 | tee -a "$LOG" | tail -n 15
     tests_rc=$?
     say "1. rc=$tests_rc"

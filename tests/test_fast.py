@@ -320,8 +320,9 @@ def teacher_forced(engine, ids: torch.Tensor, tokens: torch.Tensor, **prefill_kw
 
 
 def check_cuda_engine(
-    compile: bool | str, dtype: torch.dtype, quantized: bool = False, device: str = "cuda", attention: str = "sdpa"
-) -> FastEngine:
+    compile: bool | str, dtype: torch.dtype, quantized: bool = False, device: str = "cuda", attention: str = "sdpa",
+    model: QWenLMHeadModel | None = None,
+) -> FastEngine:  # fmt: skip
     """FastEngine on `device` against HFEngine, 32 greedy steps.
 
     fp32 (TF32 off): as on CPU, all 32 greedy tokens equal and logits within 1e-3.
@@ -331,10 +332,11 @@ def check_cuda_engine(
     largest |logit|; greedy tokens equal up to the first step where HF's own top-2 logits are within
     that tolerance (a near-tie); and, feeding both engines HF's tokens, every step within 5e-2."""
     torch.manual_seed(0)
-    model = QWenLMHeadModel(tiny_config(16)).eval()  # NTK alpha 63 and logN ~2: big enough to see in bf16
-    if quantized:
-        quantize_blocks(model)
-    model = model.to(device=device, dtype=dtype)
+    if model is None:
+        model = QWenLMHeadModel(tiny_config(16)).eval()  # NTK alpha 63 and logN ~2: big enough to see in bf16
+        if quantized:
+            quantize_blocks(model)
+        model = model.to(device=device, dtype=dtype)
     ids = prompt(model.config).to(device)
     with torch.no_grad():
         feats = model.transformer.encode_images(image().to(device, dtype))
@@ -380,6 +382,28 @@ def test_cuda_int4_matches_hf(compile: bool | str) -> None:
     pytest.importorskip("qvlq.int4")
     engine = check_cuda_engine(compile, torch.bfloat16, quantized=True)
     assert engine.describe()["int4_backend"] == "int4_cuda"
+
+
+@pytest.mark.gpu
+@cuda
+@ENGINE_KINDS
+def test_cuda_mma_int4_with_fused_mlp_matches_hf(compile: bool | str) -> None:
+    """The mma kernel on CUDA with each layer's w1 + w2 as one GEMV, in both kinds of CUDA graph."""
+    from qvlq.int4 import QuantLinear
+
+    cfg = tiny_config(16)
+    cfg.hidden_size, cfg.kv_channels, cfg.intermediate_size = 256, 64, 2 * 512  # the kernel's K steps of 256
+    cfg.visual = dict(cfg.visual, output_dim=256)
+    torch.manual_seed(0)
+    model = QWenLMHeadModel(cfg).eval()
+    quantize_blocks(model)
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prepare("mma")
+    engine = check_cuda_engine(compile, torch.bfloat16, model=model)
+    d = engine.describe()
+    assert d["int4_backend"] == "mma" and d["fused_mlp"] == cfg.num_hidden_layers
 
 
 @pytest.mark.gpu
