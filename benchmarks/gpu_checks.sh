@@ -37,28 +37,21 @@ want() { [[ " ${STEPS:-0 2 2b 3 1 4} " == *" $1 "* ]]; }
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
-diag_rc=skipped bench_rc=skipped attn_rc=skipped
+# run_step STEP TITLE LIMIT SCRIPT JSON: one benchmark script with its JSON in $OUT; prints its exit status,
+# or "skipped" when STEPS leaves it out
+run_step() {
+    if ! want "$1"; then echo skipped; return; fi
+    say "$1. $2" >&2
+    timeout -k 5 "$3" "$PY" "$4" --out "$OUT/$5" 2>&1 | tee -a "$LOG" | tail -n 40 >&2
+    local rc=$?
+    say "$1. rc=$rc" >&2
+    echo "$rc"
+}
+
 say "gpu_checks: start; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
-if want 0; then
-    say "0. int4_mma layout probe"
-    timeout -k 5 60 "$PY" benchmarks/mma_diagnose.py --out "$OUT/mma-diagnose.json" 2>&1 | tee -a "$LOG" | tail -n 30
-    diag_rc=$?
-    say "0. rc=$diag_rc"
-fi
-
-if want 2; then
-    say "2. int4 GEMV benchmark"
-    timeout -k 5 90 "$PY" benchmarks/int4_gemv.py --out "$OUT/int4-gemv.json" 2>&1 | tee -a "$LOG" | tail -n 40
-    bench_rc=$?
-    say "2. rc=$bench_rc"
-fi
-
-if want 2b; then
-    say "2b. decode attention benchmark"
-    timeout -k 5 45 "$PY" benchmarks/decode_attention.py --out "$OUT/decode-attention.json" 2>&1 | tee -a "$LOG" | tail -n 40
-    attn_rc=$?
-    say "2b. rc=$attn_rc"
-fi
+diag_rc=$(run_step 0 "int4_mma layout probe" 60 benchmarks/mma_diagnose.py mma-diagnose.json)
+run_step 2 "int4 GEMV benchmark" 90 benchmarks/int4_gemv.py int4-gemv.json >/dev/null  # read back from its JSON
+attn_rc=$(run_step 2b "decode attention benchmark" 45 benchmarks/decode_attention.py decode-attention.json)
 
 ATTENTION=fastest
 if [[ $attn_rc != 0 && $attn_rc != skipped ]]; then ATTENTION=sdpa; fi

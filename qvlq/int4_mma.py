@@ -713,6 +713,17 @@ def _cu_launch(fn: ctypes.c_void_p, index: int, grid: tuple[int, int], block: in
 _MODULES: list[ctypes.c_void_p] = []
 
 
+def _check_packed(p: Packed, device: torch.device) -> None:
+    """pack() output always passes; anything else must too: the kernels read it with 16- and 8-byte loads."""
+    for t in (p.qweight, p.meta):
+        if not t.is_contiguous() or t.data_ptr() % 16 or t.device != device:
+            raise ValueError(f"packed weight must be contiguous, 16-byte aligned and on {device}")
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def launch(
     x: Tensor, p: Packed, bias: Tensor | None, cfg: Config = DEFAULT_CONFIG, out: Tensor | None = None
 ) -> Tensor:
@@ -724,9 +735,7 @@ def launch(
         raise ValueError(f"x is {x.dtype}, the weight was packed for {p.dtype} activations")
     if p.out_features % (16 * cfg.tiles):
         raise ValueError(f"config {cfg.name}: out_features {p.out_features} is not a multiple of {16 * cfg.tiles}")
-    for t in (p.qweight, p.meta):  # pack() output always passes; anything else is read with 16/8-byte loads
-        if not t.is_contiguous() or t.data_ptr() % 16 or t.device != x.device:
-            raise ValueError("packed weight must be contiguous, 16-byte aligned and on x's device")
+    _check_packed(p, x.device)
     if bias is not None and bias.numel() != p.out_features:
         raise ValueError(f"bias has {bias.numel()} values, the layer {p.out_features} outputs")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows are read with 16-byte loads
@@ -734,7 +743,7 @@ def launch(
     y = torch.empty(m, p.out_features, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    index = _index(x.device)
     fn = _function(index, p.dtype, p.group_size, cfg, "qvlq_int4_mma")
     b = None if bias is None else bias.float().contiguous()
     for r0 in range(0, m, MAX_GRID_Y):  # grid.y is at most 65535 rows
@@ -751,12 +760,12 @@ def launch(
 
 def launch_dequantize(p: Packed, out_f32: bool) -> Tensor:
     """W [N, K] on CUDA by the qvlq_int4_dequant kernel: fp32, or the dtype p was packed for."""
-    for t in (p.qweight, p.meta):
-        if not t.is_contiguous() or t.data_ptr() % 16 or not t.is_cuda:
-            raise ValueError("packed weight must be contiguous, 16-byte aligned and on a CUDA device")
+    if not p.qweight.is_cuda:
+        raise ValueError("launch_dequantize needs the packed weight on a CUDA device")
+    _check_packed(p, p.qweight.device)
+    index = _index(p.qweight.device)
     dtype = torch.float32 if out_f32 else p.dtype
     out = torch.empty(p.out_features, p.in_features, dtype=dtype, device=p.qweight.device)
-    index = out.device.index if out.device.index is not None else torch.cuda.current_device()
     words = p.qweight.numel()
     args = [
         ctypes.c_void_p(p.qweight.data_ptr()), ctypes.c_void_p(p.meta.data_ptr()), ctypes.c_void_p(out.data_ptr()),
