@@ -8,7 +8,8 @@ not), effective bandwidth (the bytes each kernel reads: packed weight + scales/z
 and its share of a measured device-to-device copy bandwidth. Ends with the int4 matmul time of one
 decode step (32 blocks x 5 linears) with each kernel, and what fusing mlp.w1 and mlp.w2 into one GEMV of
 twice the outputs would save per step (timed as its own shape: each call has a fixed cost, launch and
-ramp-up, that a fused call pays once).
+ramp-up, that a fused call pays once); for the mma kernel also its glu blocks, which compute the MLP's gate
+w1 * silu(w2) in the same launch, against the fused GEMV plus torch's gate (one inductor kernel).
 
     python benchmarks/int4_gemv.py --out int4-gemv.json        # CUDA; well under a minute on an H100/H200
     python benchmarks/int4_gemv.py --dry-run                   # CPU: small shapes, reference checks, the
@@ -81,6 +82,32 @@ def record(row: dict[str, Any], kind: str, tune: Any, run: Any, ref: torch.Tenso
     row[f"{kind}_mismatch"] = T.mismatch(y, ref)
 
 
+def time_glu(row: dict[str, Any], mp: M.Packed, x: torch.Tensor, args: argparse.Namespace) -> None:
+    """The fused shape's glu blocks (each checked against torch's gate on its own config's pair) and torch's
+    gate alone, compiled as the FastEngine's step compiles it (one kernel), us per call."""
+    n_copies = T.copies_for_l2(mp.nbytes(), x.device)
+    ps = [mp] + [M.Packed(mp.qweight.clone(), mp.meta.clone(), GROUP, mp.dtype) for _ in range(n_copies - 1)]
+    row["glu_us"], row["glu_dropped"] = {}, {}
+    for cfg in M.CONFIGS:
+        glu = M.glu_config(cfg, GROUP)
+        if glu is None:
+            continue
+        try:
+            bad = T.mismatch(M.gemv(x, mp, None, glu), M.swiglu(*M.gemv(x, mp, None, cfg).chunk(2, -1)).float())
+            if bad:
+                row["glu_dropped"][glu.name] = bad
+                continue
+            call = lambda i, c=glu: M.gemv(x, ps[i % n_copies], None, c)  # noqa: E731
+            row["glu_us"][glu.name] = 1e6 * T.time_graph(call, args.calls, args.repeats)
+        except RuntimeError as e:
+            torch.cuda.synchronize()
+            row["glu_dropped"][glu.name] = str(e).splitlines()[0][:300]
+    half = torch.randn(2, x.shape[0], mp.out_features // 2, device=x.device).to(x.dtype)
+    gate = torch.compile(M.swiglu, fullgraph=True)
+    gate(half[0], half[1])
+    row["gate_torch_us"] = 1e6 * T.time_graph(lambda i: gate(half[0], half[1]), args.calls, args.repeats)
+
+
 def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: float | None) -> dict[str, Any]:
     cuda = not args.dry_run
     device = "cuda" if cuda else "cpu"
@@ -112,6 +139,8 @@ def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: fl
             row["mma_bytes"] = mp.nbytes()
             record(row, "mma", lambda: M.tune(mp, calls=args.calls, repeats=args.repeats),
                    lambda cfg: M.gemv(x, mp, None, cfg), ref)  # fmt: skip
+            if name == FUSED[0]:
+                time_glu(row, mp, x, args)
         for kind in KINDS:
             if f"{kind}_us" in row:
                 gbps = row[f"{kind}_bytes"] / (row[f"{kind}_us"] * 1e-6) / 1e9
@@ -190,6 +219,12 @@ def step_summary(rows: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str
         if len(parts) == 3 and None not in parts:
             saved = BLOCKS * (parts[0] + parts[1] - parts[2]) / 1e3
             fusion[k] = {"w1_plus_w2_us": parts[0] + parts[1], "fused_us": parts[2], "step_saving_ms": saved}
+    glu = by_name.get(FUSED[0], {}).get("glu_us")
+    if "mma" in fusion and glu:  # the gate in the kernel, against the fused GEMV and torch's gate kernel
+        best = min(glu, key=glu.__getitem__)
+        gate = by_name[FUSED[0]]["gate_torch_us"]
+        saved = BLOCKS * (fusion["mma"]["fused_us"] + gate - glu[best]) / 1e3
+        fusion["mma"].update(glu_best=best, glu_us=glu[best], gate_torch_us=gate, glu_step_saving_ms=saved)
     return step, fusion
 
 
@@ -239,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {v['w1_plus_w2_us']:.2f} vs {v['fused_us']:.2f} us ({v['step_saving_ms']:.3f} ms a step)"
             for k, v in fusion.items()
         ))  # fmt: skip
+        if "glu_us" in fusion.get("mma", {}):
+            f = fusion["mma"]
+            console.print(
+                f"gate in the mma kernel: {f['glu_best']} {f['glu_us']:.2f} us vs fused {f['fused_us']:.2f} + "
+                f"torch's gate {f['gate_torch_us']:.2f} us ({f['glu_step_saving_ms']:.3f} ms a step)"
+            )
     result["seconds"] = time.perf_counter() - t0
     if args.out:
         write_json(args.out, result)

@@ -117,8 +117,9 @@ class Decoder(nn.Module):
             KVCache(batch_size, attn.num_heads, max_seq_len, attn.head_dim, wte.dtype, wte.device)
             for _ in model.transformer.h
         )
-        # mlp.w1 and mlp.w2 read the same input: one int4 GEMV where both run the mma kernel (one launch a
-        # layer fewer, the weight read in one stream), at the batch sizes where their own calls use the kernel
+        # mlp.w1 and mlp.w2 read the same input: one int4 GEMV where both run the mma kernel, with the gate
+        # w1 * silu(w2) in its epilogue (two launches a layer fewer, the weight read in one stream), at the
+        # batch sizes where their own calls use the kernel
         fused = {}
         for i, block in enumerate(model.transformer.h):
             rows = getattr(block.mlp.w1, "dequant_rows", None)
@@ -200,9 +201,8 @@ class Decoder(nn.Module):
         for i, (block, kv) in enumerate(zip(t.h, self.kv, strict=True)):
             x = x + block.attn.c_proj(layer(block.attn, block.ln_1(x), kv))
             h = block.ln_2(x)
-            if str(i) in self.fused_mlp:  # QWenMLP.forward with w1 and w2 in one launch
-                a1, a2 = self.fused_mlp[str(i)](h)
-                x = x + block.mlp.c_proj(a1 * F.silu(a2))
+            if str(i) in self.fused_mlp:  # QWenMLP.forward with w1, w2 (and the gate) in one launch
+                x = x + block.mlp.c_proj(self.fused_mlp[str(i)](h))
             else:
                 x = x + block.mlp(h)
         return self.model.lm_head(t.ln_f(x[:, -1]))
@@ -226,8 +226,9 @@ class FastEngine:
       timed on this cache geometry at its middle position, the faster kept, see `attention_choice`;
       elsewhere "sdpa").
     compile_backend: torch.compile backend; "aot_eager" traces the same graph without codegen (tests).
-    fuse_mlp: run each layer's mlp.w1 and mlp.w2 as one int4 GEMV where both use the mma kernel
-      (`qvlq.int4.fuse_mma`: the same outputs bit for bit, one launch fewer a layer).
+    fuse_mlp: run each layer's mlp.w1 and mlp.w2 as one int4 GEMV where both use the mma kernel, with the
+      gate w1 * silu(w2) in the kernel's epilogue (`qvlq.int4.fuse_mma`: w1 and w2 bit for bit as their own
+      calls, the gate as torch's ops on them; two launches fewer a layer).
     """
 
     name = "fast"
@@ -356,6 +357,7 @@ class FastEngine:
     def describe(self) -> dict[str, Any]:
         """What this engine runs, for the profile report."""
         int4 = next((m for m in self.model.modules() if type(m).__name__ == "QuantLinear"), None)
+        fused = list(self.decoder.fused_mlp.values())
         info: dict[str, Any] = {
             "engine": self.name,
             "device": str(self.device),
@@ -374,6 +376,9 @@ class FastEngine:
             "kv_cache_bytes": sum(b.numel() * b.element_size() for b in self.decoder.kv.buffers()),
             "int4_backend": getattr(int4, "backend", None),
             "fused_mlp": len(self.decoder.fused_mlp),  # layers whose mlp.w1 and w2 run as one int4 GEMV
+            # ... with the gate w1 * silu(w2) in the kernel too (it needs the model in the kernel's dtype)
+            "fused_mlp_gate": sum(f.glu is not None and f.act_dtype == self.dtype for f in fused),
+            "fused_mlp_gate_off": sorted({f.glu_error for f in fused if f.glu is None}),
             "ntk_alpha": self._alpha,
             "first_step_s": self.first_step_s,
         }

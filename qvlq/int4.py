@@ -544,39 +544,73 @@ class QuantLinear(nn.Module):
 
 
 class FusedGemv(nn.Module):
-    """Two mma-backed QuantLinears that read the same input (a decode step's mlp.w1 and mlp.w2) as one GEMV:
-    one launch instead of two, and each layer's kernel copy becomes a view into the fused one, so the weight
-    is held once. Same config as the two layers had: every output is computed as their own call computes it
-    (bit for bit). Built by `fuse_mma`; valid while neither layer is prepared again (a layer prepared again
-    gets its own copy back; this one keeps computing with the weights it was built from)."""
+    """Qwen's MLP gate, a(x) * silu(b(x)), of two mma-backed QuantLinears that read the same input (a decode
+    step's mlp.w1 and mlp.w2) in one launch: the weight is stacked once (each layer's kernel copy becomes a
+    view into it, so it is held once) and, where the config allows (`int4_mma.glu_config`), the kernel also
+    computes the gate; else one GEMV gives both outputs and torch computes the gate. The layers' config: every
+    output of `pair` is computed as the layers' own calls compute it (bit for bit), and the gate as torch's
+    eager ops on them (bit for bit in the CPU model; on CUDA up to expf, checked when built). Built by
+    `fuse_mma`; valid while neither layer is prepared again (a layer prepared again gets its own copy back;
+    this one keeps computing with the weights it was built from)."""
 
-    def __init__(self, packed: int4_mma.Packed, bias: Tensor | None, cfg: int4_mma.Config, split: int) -> None:
+    def __init__(
+        self, packed: int4_mma.Packed, bias: Tensor | None, cfg: int4_mma.Config, split: int,
+        glu: int4_mma.Config | None, glu_error: str | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.register_buffer("qweight", packed.qweight, persistent=False)
         self.register_buffer("meta", packed.meta, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
         self.group_size, self.act_dtype, self.cfg, self.split = packed.group_size, packed.dtype, cfg, split
+        self.glu, self.glu_error = glu, glu_error  # why glu is None
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        lead = x.shape[:-1]
+    def _gemv(self, x: Tensor, cfg: int4_mma.Config) -> Tensor:
         packed = int4_mma.Packed(self.qweight, self.meta, self.group_size, self.act_dtype)
-        y = int4_mma.gemv(x.reshape(-1, x.shape[-1]).to(self.act_dtype), packed, self.bias, self.cfg).to(x.dtype)
-        a, b = y.split([self.split, y.shape[-1] - self.split], dim=-1)
-        return a.reshape(*lead, -1), b.reshape(*lead, -1)
+        y = int4_mma.gemv(x.reshape(-1, x.shape[-1]).to(self.act_dtype), packed, self.bias, cfg).to(x.dtype)
+        return y.reshape(*x.shape[:-1], -1)
+
+    def pair(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(a(x), b(x)) from one launch."""
+        y = self._gemv(x, self.cfg)
+        return y[..., : self.split], y[..., self.split :]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The gate in x's dtype: in the kernel when x has the kernel's activation dtype (else the model's ops
+        would not round a and b to it)."""
+        if self.glu is not None and x.dtype == self.act_dtype:
+            return self._gemv(x, self.glu)
+        return int4_mma.swiglu(*self.pair(x))
+
+    @torch.no_grad()
+    def check_glu(self, seed: int = 0) -> str | None:
+        """On CUDA: the glu kernel against torch's gate on the pair at one random row; on a mismatch (or an
+        error) the gate goes back to torch and the reason is kept in glu_error. None if it holds."""
+        if self.glu is None or self.qweight.device.type != "cuda":
+            return self.glu_error
+        gen = torch.Generator(device=self.qweight.device).manual_seed(seed)
+        x = torch.randn(1, self.qweight.shape[1] * int4_mma.CHUNK, device=self.qweight.device, generator=gen)
+        x = x.to(self.act_dtype)
+        try:
+            bad = int4_triton.mismatch(self(x), int4_mma.swiglu(*self.pair(x)).float())
+        except RuntimeError as e:
+            bad = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if bad is not None:
+            self.glu, self.glu_error = None, f"glu kernel off: {bad}"
+        return self.glu_error
 
 
 def fuse_mma(a: nn.Module, b: nn.Module) -> FusedGemv | None:
-    """`FusedGemv` of two layers when both run the mma kernel with one config, input size, group size and
-    activation dtype, without act-order gathers; else None (the caller keeps the two calls). Fusing the
-    same pair again returns the same module (a second engine on the model shares it)."""
+    """`FusedGemv` for a(x) * silu(b(x)) when both layers run the mma kernel with one config and shape, group
+    size and activation dtype, without act-order gathers; else None (the caller keeps the two calls).
+    Fusing the same pair again returns the same module (a second engine on the model shares it)."""
     if not (isinstance(a, QuantLinear) and isinstance(b, QuantLinear) and a.backend == b.backend == "mma"):
         return None
     ca, cb = a._cache, b._cache
     if ca.get("fused") is not None and ca.get("fused") is cb.get("fused"):
         return ca["fused"]
     pa, pb = ca["mpack"], cb["mpack"]
-    key = (pa.in_features, pa.group_size, pa.dtype, ca["mcfg"])
-    if key != (pb.in_features, pb.group_size, pb.dtype, cb["mcfg"]) or "perm" in ca or "perm" in cb:
+    key = (pa.out_features, pa.in_features, pa.group_size, pa.dtype, ca["mcfg"])
+    if key != (pb.out_features, pb.in_features, pb.group_size, pb.dtype, cb["mcfg"]) or "perm" in ca or "perm" in cb:
         return None
     qweight, meta = torch.cat([pa.qweight, pb.qweight]), torch.cat([pa.meta, pb.meta])
     t = pa.qweight.shape[0]  # tiles of a: the views keep 16-byte alignment (a tile is 512 bytes a chunk)
@@ -586,7 +620,11 @@ def fuse_mma(a: nn.Module, b: nn.Module) -> FusedGemv | None:
     if "bias_f32" in ca or "bias_f32" in cb:
         bias = torch.cat([ca.get("bias_f32", a.bias.new_zeros(a.out_features, dtype=torch.float32)),
                           cb.get("bias_f32", b.bias.new_zeros(b.out_features, dtype=torch.float32))])  # fmt: skip
-    fused = FusedGemv(int4_mma.Packed(qweight, meta, pa.group_size, pa.dtype), bias, ca["mcfg"], a.out_features)
+    glu = int4_mma.glu_config(ca["mcfg"], pa.group_size)
+    why = None if glu else f"config {ca['mcfg'].name}: its glu block exceeds the threads or shared memory of a block"
+    packed = int4_mma.Packed(qweight, meta, pa.group_size, pa.dtype)
+    fused = FusedGemv(packed, bias, ca["mcfg"], a.out_features, glu, why)
+    fused.check_glu()
     ca["fused"] = cb["fused"] = fused
     return fused
 

@@ -68,22 +68,31 @@ class Config(NamedTuple):
     """warps: warps per block, each taking a share of the K steps; tiles: 16-row tiles per block (a lane's x
     loads serve all of them); fence: all loads of a step issued before its first mma (see SOURCE); stages:
     0 = each step's operands loaded into registers, else a ring of that many steps per warp in shared memory
-    filled by cp.async, stages - 1 steps in flight while one is computed (fence then has no use)."""
+    filled by cp.async, stages - 1 steps in flight while one is computed (fence then has no use); glu: the
+    weight is two layers of equal size stacked (a's rows, then b's) and the block has twice the warps: the
+    first `warps` compute `tiles` tiles of a as a glu=0 block would, the others the same tiles of b, and the
+    block writes a * silu(b) (Qwen's MLP gate), N/2 outputs. Each warp does a glu=0 warp's work, so a and b
+    are bit for bit those of the layers' own calls, then rounded and combined as torch's eager ops do."""
 
     warps: int
     tiles: int
     fence: int = 1
     stages: int = 0
+    glu: int = 0
 
     @property
     def name(self) -> str:
         tail = f"s{self.stages}" if self.stages else "" if self.fence else "-nofence"
-        return f"w{self.warps}t{self.tiles}{tail}"
+        return f"w{self.warps}t{self.tiles}{tail}{'-glu' if self.glu else ''}"
 
     def shared_bytes(self, group_size: int) -> int:
         """Static shared memory of the ring (the 48 KB a static allocation may take bounds the configs)."""
         gps = 1 if group_size // CHUNK >= 4 else 4 // (group_size // CHUNK)
-        return self.warps * self.stages * (self.tiles * (2048 + 64 * gps) + 512)
+        return self.threads // 32 * self.stages * (self.tiles * (2048 + 64 * gps) + 512)
+
+    @property
+    def threads(self) -> int:
+        return self.warps * (2 if self.glu else 1) * 32
 
 
 SHARED_LIMIT = 48 * 1024
@@ -92,6 +101,16 @@ CONFIGS = tuple(Config(w, t, f) for f in (1, 0) for w, t in ((4, 1), (8, 1), (16
     Config(w, t, 1, s) for w, t, s in ((4, 1, 2), (4, 1, 3), (4, 1, 4), (8, 1, 2), (2, 1, 4), (2, 1, 6), (4, 2, 2))
 )
 DEFAULT_CONFIG = Config(8, 1)
+GLU_MAX_THREADS = 512  # a 1024-thread block caps a thread at 64 registers: the main loop spills
+
+
+def glu_config(cfg: Config, group_size: int) -> Config | None:
+    """cfg with the glu epilogue (twice the warps), or None where that block does not fit: over GLU_MAX_THREADS,
+    or a ring over the static shared memory."""
+    glu = cfg._replace(glu=1)
+    if glu.threads > GLU_MAX_THREADS or glu.shared_bytes(group_size) > SHARED_LIMIT:
+        return None
+    return glu
 ENV_NVRTC = "QVLQ_NVRTC"  # path of libnvrtc.so, when it is not found on its own
 
 SOURCE = r"""
@@ -147,7 +166,9 @@ __device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned in
 #endif
 
 // One block: TN 16-row tiles of W (from blockIdx.x * TN) for one row of x (blockIdx.y). A step is 4
-// chunks (256 inputs); each of the WARPS warps takes a contiguous run of steps, shared memory sums them.
+// chunks (256 inputs); each of the WH warps takes a contiguous run of steps, shared memory sums them. With
+// GLU the block has twice the warps (WARPS = 2 WH): the second WH do the same for the TN tiles `half` tiles
+// further on (b's rows of the same outputs), and the epilogue combines the two.
 // A warp has 1-3 steps at full size, so the loads of a step must all be in flight together. Left alone,
 // ptxas places some of them after the first mma (a round trip each). FENCE: `zero` (always 0, unknown to
 // the compiler) makes the first mma depend on every load of the step, so all are issued before it (more
@@ -155,13 +176,14 @@ __device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned in
 extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     const u4* __restrict__ qw, const u2* __restrict__ meta, const unsigned short* __restrict__ x,
     const float* __restrict__ bias, unsigned short* __restrict__ y, int K, int G, int ldx, int ldy,
-    unsigned int zero) {
+    unsigned int zero, int half) {
   constexpr int GPS = CPG >= 4 ? 1 : 4 / CPG;  // groups met in one step
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int WH = GLU ? WARPS / 2 : WARPS;  // warps over the K steps of one set of tiles
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wk = warp % WH;
   const int gid = lane >> 2, tq = lane & 3;
-  const int tile0 = blockIdx.x * TN, m = blockIdx.y;
+  const int tile0 = blockIdx.x * TN + (warp / WH) * half, m = blockIdx.y;
   const int chunks = K / 64, steps = K / 256;
-  const int s0 = warp * steps / WARPS, s1 = (warp + 1) * steps / WARPS;
+  const int s0 = wk * steps / WH, s1 = (wk + 1) * steps / WH;
   const unsigned int mask = 0x000F000Fu, magic = MAGIC, one = ONE2;
   float acc[TN][2];
 #pragma unroll
@@ -286,10 +308,21 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   if (threadIdx.x < TN * 16) {
     float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) sum += red[w][threadIdx.x];  // fixed order: deterministic
-    const int n = tile0 * 16 + threadIdx.x;
+    for (int w = 0; w < WH; ++w) sum += red[w][threadIdx.x];  // fixed order: deterministic
+    const int n = blockIdx.x * TN * 16 + threadIdx.x;
     if (bias != nullptr) sum += bias[n];
+#if GLU
+    float gate = 0.f;
+#pragma unroll
+    for (int w = 0; w < WH; ++w) gate += red[WH + w][threadIdx.x];
+    if (bias != nullptr) gate += bias[half * 16 + n];
+    // as torch's eager ops on the two outputs: each rounded, silu in fp32 rounded, the product rounded
+    const float a = act_to_float(to_half(sum)), g = act_to_float(to_half(gate));
+    const float s = act_to_float(to_half(g / (1.f + expf(-g))));
+    y[(u64)m * ldy + n] = to_half(a * s);
+#else
     y[(u64)m * ldy + n] = to_half(sum);
+#endif
   }
 }
 
@@ -627,10 +660,11 @@ def defines(dtype: torch.dtype, group_size: int, cfg: Config) -> dict[str, str]:
         "FMA2": f'"fma.rn.{kind}x2"',
         "CVT": f'"cvt.rn.{kind}.f32"',
         "CPG": str(group_size // CHUNK),
-        "WARPS": str(cfg.warps),
+        "WARPS": str(cfg.threads // 32),
         "TN": str(cfg.tiles),
         "FENCE": str(cfg.fence),
         "STAGES": str(cfg.stages),
+        "GLU": str(cfg.glu),
         "ACT_BF16": str(int(dtype == torch.bfloat16)),
         "MAGIC_VALUE": f"{FORMATS[dtype][1]:.1f}f",
     }
@@ -727,20 +761,22 @@ def _index(device: torch.device) -> int:
 def launch(
     x: Tensor, p: Packed, bias: Tensor | None, cfg: Config = DEFAULT_CONFIG, out: Tensor | None = None
 ) -> Tensor:
-    """y [M, N] = x [M, K] @ W (+ bias fp32) on CUDA, in x's dtype (must be the dtype p was packed for)."""
+    """y [M, N] = x [M, K] @ W (+ bias fp32) on CUDA, in x's dtype (must be the dtype p was packed for);
+    with cfg.glu, y [M, N/2] = a * silu(b) of the two halves of that product (see Config)."""
     m, k = x.shape
     if k != p.in_features:
         raise ValueError(f"x has {k} features, the weight {p.in_features}")
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype}, the weight was packed for {p.dtype} activations")
-    if p.out_features % (16 * cfg.tiles):
-        raise ValueError(f"config {cfg.name}: out_features {p.out_features} is not a multiple of {16 * cfg.tiles}")
+    n_out = p.out_features // 2 if cfg.glu else p.out_features
+    if n_out % (16 * cfg.tiles) or (cfg.glu and p.out_features % 32):
+        raise ValueError(f"config {cfg.name}: out_features {p.out_features} does not split into its blocks")
     _check_packed(p, x.device)
     if bias is not None and bias.numel() != p.out_features:
         raise ValueError(f"bias has {bias.numel()} values, the layer {p.out_features} outputs")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows are read with 16-byte loads
         x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
-    y = torch.empty(m, p.out_features, dtype=x.dtype, device=x.device) if out is None else out
+    y = torch.empty(m, n_out, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
     index = _index(x.device)
@@ -752,9 +788,9 @@ def launch(
             ctypes.c_void_p(p.qweight.data_ptr()), ctypes.c_void_p(p.meta.data_ptr()),
             ctypes.c_void_p(x[r0].data_ptr()), ctypes.c_void_p(b.data_ptr() if b is not None else 0),
             ctypes.c_void_p(y[r0].data_ptr()), ctypes.c_int(k), ctypes.c_int(p.meta.shape[1]),
-            ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)), ctypes.c_uint(0),
+            ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)), ctypes.c_uint(0), ctypes.c_int(n_out // 16),
         ]  # fmt: skip
-        _cu_launch(fn, index, (p.out_features // (16 * cfg.tiles), rows), cfg.warps * 32, args)
+        _cu_launch(fn, index, (n_out // (16 * cfg.tiles), rows), cfg.threads, args)
     return y
 
 
@@ -789,16 +825,18 @@ def _int4_mma_op(
     tiles: int,
     fence: int,
     stages: int,
+    glu: int,
 ) -> Tensor:
     p = Packed(qweight, meta, group_size, x.dtype)
     if x.device.type != "cuda":  # CPU: the lane-by-lane model of the kernel
-        return emulate(x, p, bias)
-    return launch(x, p, bias, Config(warps, tiles, fence, stages))
+        y = emulate(x, p, bias)
+        return swiglu(*y.chunk(2, dim=-1)) if glu else y
+    return launch(x, p, bias, Config(warps, tiles, fence, stages, glu))
 
 
 @_int4_mma_op.register_fake
-def _(x, qweight, meta, bias, group_size, warps, tiles, fence, stages):
-    return x.new_empty(x.shape[0], qweight.shape[0] * 16)
+def _(x, qweight, meta, bias, group_size, warps, tiles, fence, stages, glu):
+    return x.new_empty(x.shape[0], qweight.shape[0] * (8 if glu else 16))
 
 
 @torch.library.custom_op("qvlq::int4_mma_dequantize", mutates_args=())
@@ -812,8 +850,14 @@ def _(qweight, meta, group_size, act_bf16, out_f32):
     return qweight.new_empty(qweight.shape[0] * 16, qweight.shape[1] * CHUNK, dtype=dtype)
 
 
+def swiglu(a: Tensor, b: Tensor) -> Tensor:
+    """Qwen's MLP gate, a * silu(b), in torch's eager ops: what the kernel's glu epilogue computes."""
+    return a * torch.nn.functional.silu(b)
+
+
 def gemv(x: Tensor, p: Packed, bias: Tensor | None = None, cfg: Config = DEFAULT_CONFIG) -> Tensor:
-    """y [M, N] = x [M, K] @ W (+ bias, added in fp32), in x's dtype: the kernel on CUDA, `emulate` on CPU."""
+    """y [M, N] = x [M, K] @ W (+ bias, added in fp32), in x's dtype: the kernel on CUDA, `emulate` on CPU;
+    with cfg.glu, [M, N/2] = swiglu of the two halves."""
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype}, the weight was packed for {p.dtype} activations")
     return torch.ops.qvlq.int4_mma_gemv(x.contiguous(), p.qweight, p.meta, bias, p.group_size, *cfg)

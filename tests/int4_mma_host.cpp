@@ -7,9 +7,10 @@
 //
 // Build: g++ -std=c++20 -O1 -pthread -I<dir with kernel.cu> -DQVLQ_BF16=0|1 <int4_mma.defines as -D> this.cpp
 // Run:   ./a.out <dir> N K G M has_bias [ldx]   (reads qw.bin meta.bin x.bin [bias.bin], writes y.bin;
-//        x.bin holds M rows of ldx values, default K)
+//        x.bin holds M rows of ldx values, default K; with GLU, y.bin holds N/2 outputs a row)
 //        ./a.out dequant <dir> N K G out_f32       (qvlq_int4_dequant: reads qw.bin meta.bin, writes w.bin)
 #include <barrier>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -147,7 +148,8 @@ int main(int argc, char** argv) {
   auto meta = load<u2>(dir + "/meta.bin", (size_t)N / 16 * G * 8);
   auto x = load<unsigned short>(dir + "/x.bin", (size_t)M * ldx);
   std::vector<float> bias = has_bias ? load<float>(dir + "/bias.bin", N) : std::vector<float>();
-  std::vector<unsigned short> y((size_t)M * N, 0xFFFF);
+  const int n_out = GLU ? N / 2 : N;
+  std::vector<unsigned short> y((size_t)M * n_out, 0xFFFF);
   std::vector<Warp> ws(WARPS);
   for (auto& w : ws) w.bar = new std::barrier<>(32);
   warps = ws.data();
@@ -158,10 +160,10 @@ int main(int argc, char** argv) {
     threads.emplace_back([&, t] {
       threadIdx.x = t;
       for (int by = 0; by < M; ++by)
-        for (int bx = 0; bx < N / 16 / TN; ++bx) {
+        for (int bx = 0; bx < n_out / 16 / TN; ++bx) {
           blockIdx.x = bx;
           blockIdx.y = by;
-          qvlq_int4_mma(qw.data(), meta.data(), x.data(), has_bias ? bias.data() : nullptr, y.data(), K, G, ldx, N, 0u);
+          qvlq_int4_mma(qw.data(), meta.data(), x.data(), has_bias ? bias.data() : nullptr, y.data(), K, G, ldx, n_out, 0u, n_out / 16);
           block_barrier->arrive_and_wait();  // the block is done with its __shared__ before the next starts
         }
     });

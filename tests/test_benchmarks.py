@@ -52,6 +52,11 @@ def test_int4_gemv_step_summary() -> None:
     assert step == pytest.approx({"tinygemm": 32 * 5 * 10 / 1e3, "mma": 32 * 5 * 5 / 1e3})
     assert fusion["tinygemm"] == pytest.approx({"w1_plus_w2_us": 20.0, "fused_us": 18.0, "step_saving_ms": 0.064})
     assert set(fusion) == {"tinygemm", "mma"}  # triton was timed on the fused shape only
+    rows[-1].update(glu_us={"w4t1-glu": 8.5, "w8t1-glu": 9.5}, gate_torch_us=2.5)  # the gate in the kernel
+    _, fusion = b.step_summary(rows)
+    assert fusion["mma"] == pytest.approx({"w1_plus_w2_us": 10.0, "fused_us": 9.0, "step_saving_ms": 0.032,
+                                           "glu_best": "w4t1-glu", "glu_us": 8.5, "gate_torch_us": 2.5,
+                                           "glu_step_saving_ms": 0.096})  # fmt: skip
     del rows[2]["mma_us"]  # mlp.w1 without an mma time: no mma step, no mma fusion figure
     step, fusion = b.step_summary(rows)
     assert set(step) == {"tinygemm"} and set(fusion) == {"tinygemm"}

@@ -278,6 +278,7 @@ def test_mma_int4_model_matches_hf_in_the_traced_step(monkeypatch) -> None:
     """QuantLinear's "mma" backend (its CPU op runs the kernel's lane-level model) inside the engine's step,
     eager and traced: the same tokens as the HF loop on the same modules. Widths of 256 for its K steps."""
     from qvlq.int4 import QuantLinear
+    from qvlq.int4_mma import swiglu
 
     monkeypatch.setattr(QuantLinear, "_int4_ok", lambda self, backend: None)  # the CUDA checks, on the CPU
     cfg = tiny_config(272, layers=1)
@@ -297,9 +298,13 @@ def test_mma_int4_model_matches_hf_in_the_traced_step(monkeypatch) -> None:
     separate = (mlp.w1(h), mlp.w2(h))
     engine = FastEngine(model, 320)
     d = engine.describe()
-    assert d["int4_backend"] == "mma" and d["fused_mlp"] == 1
+    assert d["int4_backend"] == "mma" and d["fused_mlp"] == 1 and not d["fused_mlp_gate_off"]
+    assert d["fused_mlp_gate"] == 0  # an fp32 model: its gate is not rounded to the kernel's bf16, so torch's
     fused = engine.decoder.fused_mlp["0"]
-    assert all(torch.equal(f, s) for f, s in zip(fused(h), separate, strict=True))  # bit for bit
+    assert all(torch.equal(f, s) for f, s in zip(fused.pair(h), separate, strict=True))  # bit for bit
+    assert torch.equal(fused(h), separate[0] * torch.nn.functional.silu(separate[1]))
+    hb = h.bfloat16()  # in the kernel's dtype the gate comes from the glu kernel (on the CPU: its model)
+    assert torch.equal(fused(hb), swiglu(mlp.w1(hb), mlp.w2(hb)))
     assert torch.equal(mlp.w1(h), separate[0]) and torch.equal(mlp.w2(h), separate[1])
     for layer in (mlp.w1, mlp.w2):  # the layers' own copies are views of the fused weight: held once
         assert layer._cache["mpack"].qweight.untyped_storage().data_ptr() == fused.qweight.untyped_storage().data_ptr()
@@ -388,8 +393,9 @@ def test_cuda_int4_matches_hf(compile: bool | str) -> None:
 @cuda
 @ENGINE_KINDS
 def test_cuda_mma_int4_with_fused_mlp_matches_hf(compile: bool | str) -> None:
-    """The mma kernel on CUDA with each layer's w1 + w2 as one GEMV, in both kinds of CUDA graph."""
+    """The mma kernel on CUDA with each layer's w1 + w2 and its gate as one GEMV, in both kinds of CUDA graph."""
     from qvlq.int4 import QuantLinear
+    from qvlq.int4_mma import Config
 
     cfg = tiny_config(16)
     cfg.hidden_size, cfg.kv_channels, cfg.intermediate_size = 256, 64, 2 * 512  # the kernel's K steps of 256
@@ -401,9 +407,10 @@ def test_cuda_mma_int4_with_fused_mlp_matches_hf(compile: bool | str) -> None:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.prepare("mma")
+            m._cache["mcfg"] = Config(4, 1)  # one with a glu block, whatever the tuner chose
     engine = check_cuda_engine(compile, torch.bfloat16, model=model)
     d = engine.describe()
-    assert d["int4_backend"] == "mma" and d["fused_mlp"] == cfg.num_hidden_layers
+    assert d["int4_backend"] == "mma" and d["fused_mlp"] == d["fused_mlp_gate"] == cfg.num_hidden_layers, d
 
 
 @pytest.mark.gpu

@@ -122,8 +122,11 @@ def test_launch_checks_its_inputs_before_any_cuda_call():
     strided.copy_(p.qweight)
     with pytest.raises(ValueError, match="contiguous"):
         M.launch(x, p._replace(qweight=strided), None)
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="does not split into its blocks"):
         M.launch(x, random_packed(16, 256, 128, torch.bfloat16)[0], None, M.Config(4, 2))
+    with pytest.raises(ValueError, match="does not split into its blocks"):  # glu: two halves of whole tiles
+        M.launch(x, random_packed(48, 256, 128, torch.bfloat16)[0], None, M.Config(4, 1, glu=1))
+    assert M.launch(torch.empty(0, 256, dtype=torch.bfloat16), p, None, M.Config(4, 1, glu=1)).shape == (0, 16)
 
 
 def test_fastest_candidates_follow_the_environment(monkeypatch):
@@ -170,22 +173,33 @@ def test_quantlinear_wiring_on_cpu(monkeypatch):
 
 
 def test_fuse_mma_only_where_one_launch_computes_the_same(monkeypatch):
-    """fuse_mma joins two mma layers that read the same input (bias kept per layer, in fp32); it declines
+    """fuse_mma joins two mma layers that read the same input (bias kept per layer, in fp32) into the MLP's
+    gate a(x) * silu(b(x)); the gate is in the kernel where the sizes match and the glu block fits. It declines
     other backends, act-order gathers and different configs, so the caller keeps two calls there."""
     from qvlq import int4
 
     monkeypatch.setattr(int4.QuantLinear, "_int4_ok", lambda self, backend: None)
     a = gptq_linear(out=32, inp=256, group_size=128, desc_act=False).prepare("mma")
-    b = gptq_linear(out=48, inp=256, group_size=128, desc_act=False).prepare("mma")
+    b = gptq_linear(out=32, inp=256, group_size=128, desc_act=False).prepare("mma")
     b.bias.zero_()
     b.prepare("mma")  # b without a bias, a with one
     x = torch.randn(3, 256).to(torch.bfloat16)
     want = (a(x), b(x))
     fused = int4.fuse_mma(a, b)
     assert fused is not None and fused.bias is not None and fused.split == 32
-    assert all(torch.equal(f, w) for f, w in zip(fused(x), want, strict=True))
+    assert fused.glu == a._cache["mcfg"]._replace(glu=1) and fused.glu_error is None
+    assert all(torch.equal(f, w) for f, w in zip(fused.pair(x), want, strict=True))
+    assert torch.equal(fused(x), want[0] * torch.nn.functional.silu(want[1]))  # the CPU model: torch's ops
     assert torch.equal(a(x), want[0]) and torch.equal(b(x), want[1])  # the layers, on their views
     assert int4.fuse_mma(a, b) is fused
+    c, d = (gptq_linear(out=32, inp=256, group_size=128, desc_act=False).prepare("mma") for _ in range(2))
+    for m in (c, d):
+        m._cache["mcfg"] = M.Config(16, 1)  # its glu block would take 1024 threads: one GEMV, torch's gate
+    no_glu = int4.fuse_mma(c, d)
+    assert no_glu.glu is None and "w16t1" in no_glu.glu_error
+    yc, yd = c(x), d(x)
+    assert torch.equal(no_glu(x[:, None]), (yc * torch.nn.functional.silu(yd))[:, None])
+    assert int4.fuse_mma(c, gptq_linear(out=48, inp=256, group_size=128, desc_act=False).prepare("mma")) is None
     plain = dict(inp=256, group_size=128, desc_act=False)
     assert int4.fuse_mma(a, gptq_linear(**plain).prepare("dequant")) is None
     assert int4.fuse_mma(a, gptq_linear(inp=256, group_size=128, desc_act=True).prepare("mma")) is None  # a gather
@@ -217,6 +231,11 @@ def test_source_compiles_without_spills(tmp_path, arch, dtype):
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, log
     for gs in (64, 256, 1024):
         _nvcc(tmp_path, arch, dtype, gs, M.DEFAULT_CONFIG)
+    glu = [g for c in M.CONFIGS if (g := M.glu_config(c, 128)) is not None]
+    assert len(glu) >= 10 and M.glu_config(M.Config(4, 1), 128) == M.Config(4, 1, glu=1)
+    for cfg in glu if every else glu[:1]:  # the glu block: the same work per warp, no more registers
+        log = _nvcc(tmp_path, arch, dtype, 128, cfg)
+        assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (cfg.name, log)
 
 
 HARNESS = Path(__file__).with_name("int4_mma_host.cpp")
@@ -265,7 +284,12 @@ def host_kernel(tmp_path: Path, p: M.Packed, x: torch.Tensor, bias: torch.Tensor
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     y = torch.from_numpy(np.fromfile(tmp_path / "y.bin", dtype=np.int16))
-    return y.view(p.dtype).reshape(m, n)
+    return y.view(p.dtype).reshape(m, n // 2 if cfg.glu else n)
+
+
+def glu_reference(x: torch.Tensor, p: M.Packed, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the glu epilogue must give: the two halves of the emulated product, then torch's eager swiglu."""
+    return M.swiglu(*M.emulate(x, p, bias).chunk(2, dim=-1))
 
 
 HOST_CASES = [  # (dtype, N, K, group, config, rows, bias, pad): warps without steps, groups across steps, TN 2
@@ -294,6 +318,35 @@ def test_cuda_source_on_the_host_matches_reference(tmp_path, case):
     y = host_kernel(tmp_path, p, x, bias, cfg, pad=pad)
     assert mismatch(y, M.reference(x.float(), p, bias)) is None
     assert torch.equal(y, M.emulate(x, p, bias)) or mismatch(y, M.emulate(x, p, bias).float()) is None
+
+
+GLU_CASES = [  # (dtype, N (both halves), K, group, config, rows, bias): registers, two tiles, the ring
+    (torch.bfloat16, 64, 768, 128, M.Config(8, 1, glu=1), 2, True),
+    (torch.float16, 128, 512, 64, M.Config(4, 2, glu=1), 1, False),
+    (torch.bfloat16, 64, 1024, 128, M.Config(4, 1, 1, 2, glu=1), 3, False),
+    (torch.float16, 96, 2048, 256, M.Config(2, 1, 1, 4, glu=1), 1, True),
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
+@pytest.mark.parametrize("case", GLU_CASES, ids=lambda c: f"{str(c[0])[6:]}-{c[1]}x{c[2]}-g{c[3]}-{c[4].name}-m{c[5]}")
+def test_glu_epilogue_on_the_host_matches_torch(tmp_path, case):
+    """The kernel with glu: a * silu(b) of the two stacked layers, as torch's eager ops compute it from the
+    separate outputs (to the last bit but where the two libms' expf differ; never more than one rounding)."""
+    dtype, n, k, gs, cfg, rows, with_bias = case
+    p, _ = random_packed(n, k, gs, dtype, seed=n + k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(8)).to(dtype)
+    bias = torch.randn(n) if with_bias else None
+    want = glu_reference(x, p, bias)
+    y = host_kernel(tmp_path, p, x, bias, cfg)
+    assert y.shape == (rows, n // 2) and mismatch(y, want.float()) is None
+    assert (y != want).float().mean() < 0.01
+    assert torch.equal(M.gemv(x, p, bias, cfg), want)  # the CPU op: emulate, then torch's swiglu
+    bug = M.SOURCE.replace("bias[half * 16 + n]", "bias[n]")  # b's bias taken from a
+    if not with_bias:
+        bug = M.SOURCE.replace(" + (warp / WH) * half", "")  # b's tiles taken from a
+    assert bug != M.SOURCE
+    assert mismatch(host_kernel(tmp_path, p, x, bias, cfg, source=bug), want.float()) is not None
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
@@ -453,17 +506,30 @@ def test_quantlinear_mma_in_compiled_graph_and_fastest():
 @pytest.mark.gpu
 @gpu
 def test_fused_w1_w2_on_cuda_is_bit_identical():
-    """The decode step's mlp.w1 + mlp.w2 as one GEMV at full size, eager and inside a compiled graph."""
+    """The decode step's mlp.w1 + mlp.w2 as one GEMV at full size, eager and inside a compiled graph: the two
+    outputs bit for bit, the gate from the glu kernel as torch's ops on them, up to expf."""
     from qvlq import int4
 
     w1, w2 = (random_linear(11008, 4096, seed=s).cuda().prepare("mma") for s in (6, 7))
+    for w in (w1, w2):  # a config with a glu block, whatever this GPU's tuner chose
+        w._cache["mcfg"] = M.Config(4, 1)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     want = (w1(x), w2(x))
+    gate = want[0] * torch.nn.functional.silu(want[1])
     fused = int4.fuse_mma(w1, w2)
-    assert fused is not None and all(torch.equal(f, w) for f, w in zip(fused(x), want, strict=True))
+    assert fused is not None and all(torch.equal(f, w) for f, w in zip(fused.pair(x), want, strict=True))
+    assert fused.glu == M.Config(4, 1, glu=1), fused.glu_error  # and it passed the check at build
+    assert mismatch(fused(x), gate.float()) is None and (fused(x) != gate).float().mean() < 0.01
     step = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
         torch.compiler.cudagraph_mark_step_begin()
-        got = [t.clone() for t in step(x)]
-    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        got = step(x).clone()
+    assert torch.equal(got, fused(x))
+    p = M.Packed(fused.qweight, fused.meta, 128, torch.bfloat16)
+    for cfg in M.CONFIGS:  # every glu block the tuner could lead to, against torch's gate on its own pair
+        glu = M.glu_config(cfg, 128)
+        if glu is not None:
+            own = M.swiglu(*M.gemv(x, p, None, cfg).chunk(2, dim=-1))
+            got = M.gemv(x, p, None, glu)
+            assert mismatch(got, own.float()) is None and (got != own).float().mean() < 0.01, glu.name
     assert torch.equal(w1(x), want[0]) and torch.equal(w2(x), want[1])
