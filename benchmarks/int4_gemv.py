@@ -9,7 +9,9 @@ and its share of a measured device-to-device copy bandwidth. Ends with the int4 
 decode step (32 blocks x 5 linears) with each kernel, and what fusing mlp.w1 and mlp.w2 into one GEMV of
 twice the outputs would save per step (timed as its own shape: each call has a fixed cost, launch and
 ramp-up, that a fused call pays once); for the mma kernel also its glu blocks, which compute the MLP's gate
-w1 * silu(w2) in the same launch, against the fused GEMV plus torch's gate (one inductor kernel).
+w1 * silu(w2) in the same launch, against the fused GEMV plus torch's gate (one inductor kernel); and the
+FastEngine's fused-block launches (RMSNorm in the prologue of c_attn and of the gated w1 + w2, the residual add
+in the epilogue of the c_proj) against the plain kernel, with the same config.
 
     python benchmarks/int4_gemv.py --out int4-gemv.json        # CUDA; well under a minute on an H100/H200
     python benchmarks/int4_gemv.py --dry-run                   # CPU: small shapes, reference checks, the
@@ -82,6 +84,31 @@ def record(row: dict[str, Any], kind: str, tune: Any, run: Any, ref: torch.Tenso
     row[f"{kind}_mismatch"] = T.mismatch(y, ref)
 
 
+# the FastEngine's fused-block launch of each shape (qvlq.int4.fuse_block)
+BLOCK_VARIANTS = {"attn.c_attn": dict(norm=4096), "attn.c_proj": dict(resid=1), "mlp.c_proj": dict(resid=1),
+                  FUSED[0]: dict(glu=1, norm=4096)}  # fmt: skip
+
+
+def time_block_variant(row: dict[str, Any], mp: M.Packed, x: torch.Tensor, args: argparse.Namespace) -> None:
+    """The fused-block launch of this shape with the tuned config, checked against the model's ops around the
+    plain kernel, us per call (`block_variant`, `block_variant_us`)."""
+    cfg = next(c for c in M.CONFIGS if c.name == row["mma_best"])
+    v = M.variant(cfg, GROUP, **BLOCK_VARIANTS[row["name"]])
+    if v is None:
+        row["block_variant"] = f"{cfg.name}: no room"
+        return
+    gamma = torch.ones(x.shape[1], device=x.device, dtype=x.dtype) if v.norm else None
+    resid = torch.randn(x.shape[0], mp.out_features, device=x.device).to(x.dtype) if v.resid else None
+    want = M.gemv(M.rms_norm(x, gamma, 1e-6) if v.norm else x, mp, None, cfg)
+    want = resid + want if v.resid else M.swiglu(*want.chunk(2, -1)) if v.glu else want
+    err = T.rel_error(M.gemv(x, mp, None, v, gamma, 1e-6, resid), want)
+    n_copies = T.copies_for_l2(mp.nbytes(), x.device)
+    ps = [mp] + [M.Packed(mp.qweight.clone(), mp.meta.clone(), GROUP, mp.dtype) for _ in range(n_copies - 1)]
+    call = lambda i: M.gemv(x, ps[i % n_copies], None, v, gamma, 1e-6, resid)  # noqa: E731
+    row.update(block_variant=v.name, block_variant_rel_error=err)
+    row["block_variant_us"] = 1e6 * T.time_graph(call, args.calls, args.repeats) if err < 1e-2 else None
+
+
 def time_glu(row: dict[str, Any], mp: M.Packed, x: torch.Tensor, args: argparse.Namespace) -> None:
     """The fused shape's glu blocks (each checked against torch's gate on its own config's pair) and torch's
     gate alone, compiled as the FastEngine's step compiles it (one kernel), us per call."""
@@ -89,7 +116,7 @@ def time_glu(row: dict[str, Any], mp: M.Packed, x: torch.Tensor, args: argparse.
     ps = [mp] + [M.Packed(mp.qweight.clone(), mp.meta.clone(), GROUP, mp.dtype) for _ in range(n_copies - 1)]
     row["glu_us"], row["glu_dropped"] = {}, {}
     for cfg in M.CONFIGS:
-        glu = M.glu_config(cfg, GROUP)
+        glu = M.variant(cfg, GROUP, glu=1)
         if glu is None:
             continue
         try:
@@ -141,6 +168,8 @@ def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: fl
                    lambda cfg: M.gemv(x, mp, None, cfg), ref)  # fmt: skip
             if name == FUSED[0]:
                 time_glu(row, mp, x, args)
+            if name in BLOCK_VARIANTS and "mma_best" in row:
+                time_block_variant(row, mp, x, args)
         for kind in KINDS:
             if f"{kind}_us" in row:
                 gbps = row[f"{kind}_bytes"] / (row[f"{kind}_us"] * 1e-6) / 1e9
@@ -274,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {v['w1_plus_w2_us']:.2f} vs {v['fused_us']:.2f} us ({v['step_saving_ms']:.3f} ms a step)"
             for k, v in fusion.items()
         ))  # fmt: skip
+        for r in rows:
+            if r.get("block_variant_us"):
+                console.print(f"{r['name']}: fused-block launch {r['block_variant']} {r['block_variant_us']:.2f} us "
+                              f"vs {r['mma_us']:.2f} us plain")  # fmt: skip
         if "glu_us" in fusion.get("mma", {}):
             f = fusion["mma"]
             console.print(

@@ -98,9 +98,10 @@ class Decoder(nn.Module):
 
     def __init__(
         self, model: nn.Module, max_seq_len: int, batch_size: int, attention: str = "sdpa",
-        attention_config: DA.Config = DA.DEFAULT_CONFIG, fuse_mlp: bool = True,
+        attention_config: DA.Config = DA.DEFAULT_CONFIG, fuse_mlp: bool = True, fuse_block: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
+        from .int4 import fuse_block as fuse_block_
         from .int4 import fuse_mma
 
         cfg = model.config
@@ -128,6 +129,16 @@ class Decoder(nn.Module):
                 if f is not None:
                     fused[str(i)] = f
         self.fused_mlp = nn.ModuleDict(fused)
+        # then the whole block: its RMSNorms and residual adds inside the mma launches (fuse_block)
+        blocks, self.fused_block_off = {}, set()
+        for i, block in enumerate(model.transformer.h):
+            if fuse_block and str(i) in fused:
+                fb = fuse_block_(block, fused[str(i)], wte.dtype)
+                if isinstance(fb, str):
+                    self.fused_block_off.add(fb)
+                else:
+                    blocks[str(i)] = fb
+        self.fused_blocks = nn.ModuleDict(blocks)
         self.register_buffer("cos", torch.zeros(max_seq_len, self.rotary_dim, device=wte.device), persistent=False)
         self.register_buffer("sin", torch.zeros(max_seq_len, self.rotary_dim, device=wte.device), persistent=False)
         # CUDA graphs replay fixed addresses. Dynamo already treats module buffers as static inputs of
@@ -157,12 +168,12 @@ class Decoder(nn.Module):
         return (scores + bias).softmax(-1).to(v.dtype) @ v
 
     def layer_sdpa(
-        self, attn: nn.Module, h: torch.Tensor, kv: KVCache, pos: torch.Tensor, kv_len: int, cos: torch.Tensor,
+        self, attn: nn.Module, qkv: torch.Tensor, kv: KVCache, pos: torch.Tensor, kv_len: int, cos: torch.Tensor,
         sin: torch.Tensor, logn: torch.Tensor | None, bias: torch.Tensor,
     ) -> torch.Tensor:  # fmt: skip
-        """One layer's attention ("sdpa"/"math") of the normed input h [B, 1, hidden] -> [B, 1, H*D]."""
-        b = h.shape[0]
-        q, k, v = attn.c_attn(h).split(attn.num_heads * attn.head_dim, dim=-1)
+        """One layer's attention ("sdpa"/"math") of its c_attn output qkv [B, 1, 3*H*D] -> [B, 1, H*D]."""
+        b = qkv.shape[0]
+        q, k, v = qkv.split(attn.num_heads * attn.head_dim, dim=-1)
         q = q.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         k = k.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         v = v.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
@@ -174,11 +185,11 @@ class Decoder(nn.Module):
         return out.transpose(1, 2).reshape(b, 1, -1)
 
     def layer_triton(
-        self, attn: nn.Module, h: torch.Tensor, kv: KVCache, pos: torch.Tensor, logn: torch.Tensor | None
+        self, attn: nn.Module, qkv: torch.Tensor, kv: KVCache, pos: torch.Tensor, logn: torch.Tensor | None
     ) -> torch.Tensor:
         """The same with qvlq.decode_attention: RoPE, logN, cache write and attention in one kernel."""
-        b = h.shape[0]
-        qkv = attn.c_attn(h).view(b, 3, attn.num_heads, attn.head_dim)
+        b = qkv.shape[0]
+        qkv = qkv.view(b, 3, attn.num_heads, attn.head_dim)
         out = DA.decode_attention(qkv, kv.k, kv.v, self.cos, self.sin, pos, logn, self.attention_config)
         return out.reshape(b, 1, -1)
 
@@ -199,7 +210,11 @@ class Decoder(nn.Module):
                 self.layer_sdpa, pos=pos, kv_len=kv_len, cos=cos, sin=sin, logn=logn, bias=bias
             )
         for i, (block, kv) in enumerate(zip(t.h, self.kv, strict=True)):
-            x = x + block.attn.c_proj(layer(block.attn, block.ln_1(x), kv))
+            if str(i) in self.fused_blocks:  # the block in four int4 launches (norms and residual adds inside)
+                fb = self.fused_blocks[str(i)]
+                x = fb.mlp_step(fb.attn_out(layer(block.attn, fb.attn_in(x), kv), x))
+                continue
+            x = x + block.attn.c_proj(layer(block.attn, block.attn.c_attn(block.ln_1(x)), kv))
             h = block.ln_2(x)
             if str(i) in self.fused_mlp:  # QWenMLP.forward with w1, w2 (and the gate) in one launch
                 x = x + block.mlp.c_proj(self.fused_mlp[str(i)](h))
@@ -229,6 +244,10 @@ class FastEngine:
     fuse_mlp: run each layer's mlp.w1 and mlp.w2 as one int4 GEMV where both use the mma kernel, with the
       gate w1 * silu(w2) in the kernel's epilogue (`qvlq.int4.fuse_mma`: w1 and w2 bit for bit as their own
       calls, the gate as torch's ops on them; two launches fewer a layer).
+    fuse_block: with fuse_mlp, run each block whose four int4 linears use the mma kernel in the model's dtype as
+      four launches (`qvlq.int4.fuse_block`): ln_1 and ln_2 in the prologue of c_attn and of the MLP's GEMV,
+      the residual adds in the epilogue of the two c_proj (two launches fewer a layer; RMSNorm's fp32 sum in
+      another order). Checked against the model's ops when built on CUDA; `describe()` says where it is off.
     """
 
     name = "fast"
@@ -244,6 +263,7 @@ class FastEngine:
         attention: str = "sdpa",
         compile_backend: str = "inductor",
         fuse_mlp: bool = True,
+        fuse_block: bool = True,
     ) -> None:
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
@@ -278,7 +298,9 @@ class FastEngine:
 
         attention, attn_cfg, self.attention_choice = self._choose_attention(model, attention)
         with torch.inference_mode(False):  # normal tensors: writable in and out of inference mode
-            self.decoder = Decoder(model, self.max_seq_len, self.batch_size, attention, attn_cfg, fuse_mlp)
+            self.decoder = Decoder(
+                model, self.max_seq_len, self.batch_size, attention, attn_cfg, fuse_mlp, fuse_mlp and fuse_block
+            )
             self._pos = torch.zeros(1, dtype=torch.long, device=self.device)  # device copy of self._len
             self._tok = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)  # graph input
         self._step_fn = self.decoder
@@ -379,6 +401,8 @@ class FastEngine:
             # ... with the gate w1 * silu(w2) in the kernel too (it needs the model in the kernel's dtype)
             "fused_mlp_gate": sum(f.glu is not None and f.act_dtype == self.dtype for f in fused),
             "fused_mlp_gate_off": sorted({f.glu_error for f in fused if f.glu is None}),
+            "fused_blocks": len(self.decoder.fused_blocks),  # ... and their norms and residual adds
+            "fused_block_off": sorted(self.decoder.fused_block_off),
             "ntk_alpha": self._alpha,
             "first_step_s": self.first_step_s,
         }

@@ -546,7 +546,7 @@ class QuantLinear(nn.Module):
 class FusedGemv(nn.Module):
     """Qwen's MLP gate, a(x) * silu(b(x)), of two mma-backed QuantLinears that read the same input (a decode
     step's mlp.w1 and mlp.w2) in one launch: the weight is stacked once (each layer's kernel copy becomes a
-    view into it, so it is held once) and, where the config allows (`int4_mma.glu_config`), the kernel also
+    view into it, so it is held once) and, where the config allows (`int4_mma.variant`), the kernel also
     computes the gate; else one GEMV gives both outputs and torch computes the gate. The layers' config: every
     output of `pair` is computed as the layers' own calls compute it (bit for bit), and the gate as torch's
     eager ops on them (bit for bit in the CPU model; on CUDA up to expf, checked when built). Built by
@@ -620,13 +620,110 @@ def fuse_mma(a: nn.Module, b: nn.Module) -> FusedGemv | None:
     if "bias_f32" in ca or "bias_f32" in cb:
         bias = torch.cat([ca.get("bias_f32", a.bias.new_zeros(a.out_features, dtype=torch.float32)),
                           cb.get("bias_f32", b.bias.new_zeros(b.out_features, dtype=torch.float32))])  # fmt: skip
-    glu = int4_mma.glu_config(ca["mcfg"], pa.group_size)
+    glu = int4_mma.variant(ca["mcfg"], pa.group_size, glu=1)
     why = None if glu else f"config {ca['mcfg'].name}: its glu block exceeds the threads or shared memory of a block"
     packed = int4_mma.Packed(qweight, meta, pa.group_size, pa.dtype)
     fused = FusedGemv(packed, bias, ca["mcfg"], a.out_features, glu, why)
     fused.check_glu()
     ca["fused"] = cb["fused"] = fused
     return fused
+
+
+class FusedBlock(nn.Module):
+    """A Qwen block's decode step in four mma launches: the RMSNorms go into the prologue of the GEMV that
+    reads them (ln_1 -> attn.c_attn, ln_2 -> mlp.w1 + w2 with the gate) and the residual adds into the epilogue
+    of attn.c_proj and mlp.c_proj, so no other kernel touches the residual stream (the unfused step has two
+    more a layer, add + RMSNorm). Outputs: as the model's ops, up to the order of the RMSNorm's fp32 sum and
+    rsqrt's rounding (bit for bit in the CPU model); checked against them when built on CUDA (`check`).
+    Built by `fuse_block`; it holds the layers' kernel copies, so it is valid until one is prepared again."""
+
+    def __init__(self, block: nn.Module, mlp: FusedGemv, cfgs: dict[str, int4_mma.Config]) -> None:
+        super().__init__()
+        self.block = [block]  # not a submodule: the model owns it
+        self.mlp = mlp
+        self.cfgs = cfgs
+        self.eps = (float(block.ln_1.eps), float(block.ln_2.eps))
+        self.error: str | None = None
+
+    def _run(self, name: str, lin: nn.Module | None, x: Tensor, gamma: Tensor | None, eps: float,
+             resid: Tensor | None) -> Tensor:  # fmt: skip
+        if lin is None:  # the MLP's stacked w1 + w2
+            m = self.mlp
+            packed, bias = int4_mma.Packed(m.qweight, m.meta, m.group_size, m.act_dtype), m.bias
+        else:
+            packed, bias = lin._cache["mpack"], lin._cache.get("bias_f32")
+        r = None if resid is None else resid.reshape(-1, resid.shape[-1])
+        y = int4_mma.gemv(x.reshape(-1, x.shape[-1]), packed, bias, self.cfgs[name], gamma, eps, r)
+        return y.reshape(*x.shape[:-1], -1)
+
+    def attn_in(self, x: Tensor) -> Tensor:
+        """attn.c_attn(ln_1(x)): q, k, v."""
+        b = self.block[0]
+        return self._run("attn_in", b.attn.c_attn, x, b.ln_1.weight, self.eps[0], None)
+
+    def attn_out(self, o: Tensor, x: Tensor) -> Tensor:
+        """x + attn.c_proj(o): the residual stream after attention."""
+        return self._run("attn_out", self.block[0].attn.c_proj, o, None, 0.0, x)
+
+    def mlp_step(self, x: Tensor) -> Tensor:
+        """x + mlp(ln_2(x)): the residual stream after the MLP."""
+        b = self.block[0]
+        gate = self._run("mlp_in", None, x, b.ln_2.weight, self.eps[1], None)
+        return self._run("mlp_out", b.mlp.c_proj, gate, None, 0.0, x)
+
+    @torch.no_grad()
+    def check(self, seed: int = 0) -> str | None:
+        """On CUDA: the four launches against the model's ops at one random row; None if they agree (relative
+        error under 1%: a wrong kernel is off by O(1)), else why, also kept in `error`."""
+        b = self.block[0]
+        dev, dtype = b.ln_1.weight.device, b.ln_1.weight.dtype
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        x = torch.randn(1, 1, b.ln_1.weight.numel(), device=dev, generator=gen).to(dtype)
+        o = torch.randn(1, 1, b.attn.c_proj.in_features, device=dev, generator=gen).to(dtype)
+        pairs = [
+            ("attn_in", self.attn_in(x), b.attn.c_attn(b.ln_1(x))),
+            ("attn_out", self.attn_out(o, x), x + b.attn.c_proj(o)),
+            ("mlp", self.mlp_step(x), x + b.mlp.c_proj(self.mlp(b.ln_2(x)))),
+        ]
+        errors = {n: int4_triton.rel_error(y, want) for n, y, want in pairs}
+        bad = [f"{n} {e:.2e}" for n, e in errors.items() if not e < 1e-2]
+        self.error = f"fused block off: relative error {', '.join(bad)}" if bad else None
+        return self.error
+
+
+def fuse_block(block: nn.Module, mlp: FusedGemv | None, dtype: torch.dtype) -> FusedBlock | str:
+    """`FusedBlock` for a Qwen block whose four int4 linears run the mma kernel for activations of ``dtype``
+    (the model's: the norm prologue rounds as the model does only in its own dtype) and whose MLP is fused
+    with its gate in the kernel (`fuse_mma`), where each launch's block fits; else why not."""
+    attn = block.attn
+    lins = {"attn_in": attn.c_attn, "attn_out": attn.c_proj, "mlp_out": block.mlp.c_proj}
+    if mlp is None or mlp.glu is None:
+        return "mlp.w1 and w2 are not fused with their gate in the mma kernel"
+    for name, lin in lins.items():
+        if not (isinstance(lin, QuantLinear) and lin.backend == "mma") or "perm" in lin._cache:
+            return f"{name}: not an mma layer without act-order"
+        if lin._cache["mpack"].dtype != dtype:
+            return f"{name}: packed for {lin._cache['mpack'].dtype}, the model runs {dtype}"
+    if mlp.act_dtype != dtype or any(ln.weight.dtype != dtype for ln in (block.ln_1, block.ln_2)):
+        return f"the MLP or the norms are not in {dtype}"
+    hidden = block.ln_1.weight.numel()
+    wanted = {
+        "attn_in": (lins["attn_in"]._cache["mcfg"], dict(norm=hidden)),
+        "attn_out": (lins["attn_out"]._cache["mcfg"], dict(resid=1)),
+        "mlp_in": (mlp.cfg, dict(glu=1, norm=hidden)),
+        "mlp_out": (lins["mlp_out"]._cache["mcfg"], dict(resid=1)),
+    }
+    cfgs = {}
+    for name, (cfg, flags) in wanted.items():
+        gs = mlp.group_size if name == "mlp_in" else lins[name]._cache["mpack"].group_size
+        v = int4_mma.variant(cfg, gs, **flags)
+        if v is None:
+            return f"{name}: config {cfg.name} has no block with {', '.join(flags)}"
+        cfgs[name] = v
+    fb = FusedBlock(block, mlp, cfgs)
+    if block.ln_1.weight.device.type == "cuda" and fb.check() is not None:
+        return fb.error
+    return fb
 
 
 def _tinygemm(x2: Tensor, packed: Tensor, sz_bf16: Tensor, group: int) -> Tensor:

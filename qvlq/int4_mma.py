@@ -72,23 +72,29 @@ class Config(NamedTuple):
     weight is two layers of equal size stacked (a's rows, then b's) and the block has twice the warps: the
     first `warps` compute `tiles` tiles of a as a glu=0 block would, the others the same tiles of b, and the
     block writes a * silu(b) (Qwen's MLP gate), N/2 outputs. Each warp does a glu=0 warp's work, so a and b
-    are bit for bit those of the layers' own calls, then rounded and combined as torch's eager ops do."""
+    are bit for bit those of the layers' own calls, then rounded and combined as torch's eager ops do.
+    norm (= K): x is the residual stream, normalized in the kernel by the model's RMSNorm (`rms_norm`) before
+    the product; resid: y = resid + the product, rounded as torch's add (the residual add after c_proj)."""
 
     warps: int
     tiles: int
     fence: int = 1
     stages: int = 0
     glu: int = 0
+    norm: int = 0
+    resid: int = 0
 
     @property
     def name(self) -> str:
         tail = f"s{self.stages}" if self.stages else "" if self.fence else "-nofence"
-        return f"w{self.warps}t{self.tiles}{tail}{'-glu' if self.glu else ''}"
+        flags = "".join(f"-{f}" for f, on in (("norm", self.norm), ("glu", self.glu), ("res", self.resid)) if on)
+        return f"w{self.warps}t{self.tiles}{tail}{flags}"
 
     def shared_bytes(self, group_size: int) -> int:
-        """Static shared memory of the ring (the 48 KB a static allocation may take bounds the configs)."""
+        """Static shared memory of the ring and of the normalized x (a static allocation may take 48 KB)."""
         gps = 1 if group_size // CHUNK >= 4 else 4 // (group_size // CHUNK)
-        return self.threads // 32 * self.stages * (self.tiles * (2048 + 64 * gps) + 512)
+        ring = self.threads // 32 * self.stages * (self.tiles * (2048 + 64 * gps) + 512)
+        return ring + (2 * self.norm + 4 * (self.threads + self.threads // 32) if self.norm else 0)
 
     @property
     def threads(self) -> int:
@@ -101,16 +107,14 @@ CONFIGS = tuple(Config(w, t, f) for f in (1, 0) for w, t in ((4, 1), (8, 1), (16
     Config(w, t, 1, s) for w, t, s in ((4, 1, 2), (4, 1, 3), (4, 1, 4), (8, 1, 2), (2, 1, 4), (2, 1, 6), (4, 2, 2))
 )
 DEFAULT_CONFIG = Config(8, 1)
-GLU_MAX_THREADS = 512  # a 1024-thread block caps a thread at 64 registers: the main loop spills
+MAX_THREADS = 512  # a 1024-thread block caps a thread at 64 registers: the main loop spills
 
 
-def glu_config(cfg: Config, group_size: int) -> Config | None:
-    """cfg with the glu epilogue (twice the warps), or None where that block does not fit: over GLU_MAX_THREADS,
-    or a ring over the static shared memory."""
-    glu = cfg._replace(glu=1)
-    if glu.threads > GLU_MAX_THREADS or glu.shared_bytes(group_size) > SHARED_LIMIT:
-        return None
-    return glu
+def variant(cfg: Config, group_size: int, glu: int = 0, norm: int = 0, resid: int = 0) -> Config | None:
+    """cfg with the glu block, the norm prologue and/or the residual epilogue, or None where that block does
+    not fit: over MAX_THREADS, or over the static shared memory (a ring, the normalized x)."""
+    v = cfg._replace(glu=glu, norm=norm, resid=resid)
+    return v if v.threads <= MAX_THREADS and v.shared_bytes(group_size) <= SHARED_LIMIT else None
 ENV_NVRTC = "QVLQ_NVRTC"  # path of libnvrtc.so, when it is not found on its own
 
 SOURCE = r"""
@@ -157,6 +161,7 @@ __device__ __forceinline__ float act_to_float(unsigned int h) {  // the low 16 b
 __device__ __forceinline__ unsigned short to_half(float v) {
   unsigned short h; asm(CVT " %0, %1;" : "=h"(h) : "f"(v)); return h;
 }
+__device__ __forceinline__ float rsqrt_(float v) { return rsqrtf(v); }
 // d += A (16x16, 4 regs per lane) @ B (16x8, 2 regs per lane), fp32 (4 regs per lane)
 __device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
   asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -173,10 +178,22 @@ __device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned in
 // ptxas places some of them after the first mma (a round trip each). FENCE: `zero` (always 0, unknown to
 // the compiler) makes the first mma depend on every load of the step, so all are issued before it (more
 // registers: 80 vs 56 a thread at group 128, so fewer resident warps; the tuner decides).
+// NORM (= K): x is the residual stream and the block first applies the model's RMSNorm (weight gamma) to its
+// row, into shared memory, where the main loop reads it. RESID: y = resid + (the product rounded), the residual
+// add after attn.c_proj and mlp.c_proj. Both as the model's eager ops round (see rms_norm).
+#if NORM
+// two 16-bit values of x -> (x * r rounded) * gamma rounded, each half
+__device__ __forceinline__ unsigned int norm2(unsigned int v, unsigned int g, float r) {
+  const unsigned int lo = to_half(act_to_float(to_half(act_to_float(v) * r)) * act_to_float(g));
+  const unsigned int hi = to_half(act_to_float(to_half(act_to_float(v >> 16) * r)) * act_to_float(g >> 16));
+  return lo | (hi << 16);
+}
+#endif
 extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     const u4* __restrict__ qw, const u2* __restrict__ meta, const unsigned short* __restrict__ x,
     const float* __restrict__ bias, unsigned short* __restrict__ y, int K, int G, int ldx, int ldy,
-    unsigned int zero, int half) {
+    unsigned int zero, int half, const unsigned short* __restrict__ gamma, float eps,
+    const unsigned short* __restrict__ resid, int ldr) {
   constexpr int GPS = CPG >= 4 ? 1 : 4 / CPG;  // groups met in one step
   constexpr int WH = GLU ? WARPS / 2 : WARPS;  // warps over the K steps of one set of tiles
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wk = warp % WH;
@@ -184,6 +201,43 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   const int tile0 = blockIdx.x * TN + (warp / WH) * half, m = blockIdx.y;
   const int chunks = K / 64, steps = K / 256;
   const int s0 = wk * steps / WH, s1 = (wk + 1) * steps / WH;
+#if NORM
+  // mean of squares in fp32: per thread, then per warp and over the warps in a fixed order (deterministic)
+  __shared__ u4 xs[NORM / 8];
+  __shared__ float ssq[WARPS * 32 + WARPS];
+  {
+    const u4* xr = reinterpret_cast<const u4*>(x + (u64)m * ldx);
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < NORM / 8; i += WARPS * 32) {
+      const u4 v = xr[i];
+      xs[i] = v;
+      const unsigned int h[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float lo = act_to_float(h[j]), hi = act_to_float(h[j] >> 16);
+        ss += lo * lo + hi * hi;
+      }
+    }
+    ssq[threadIdx.x] = ss;
+    __syncthreads();
+    if (lane == 0) {
+      float w = 0.f;
+      for (int l = 0; l < 32; ++l) w += ssq[warp * 32 + l];
+      ssq[WARPS * 32 + warp] = w;
+    }
+    __syncthreads();
+    float tot = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) tot += ssq[WARPS * 32 + w];
+    const float r = rsqrt_(tot / (float)NORM + eps);
+    const u4* gr = reinterpret_cast<const u4*>(gamma);
+    for (int i = threadIdx.x; i < NORM / 8; i += WARPS * 32) {
+      const u4 v = xs[i], g = gr[i];
+      xs[i] = u4{norm2(v.x, g.x, r), norm2(v.y, g.y, r), norm2(v.z, g.z, r), norm2(v.w, g.w, r)};
+    }
+    __syncthreads();
+  }
+#endif
   const unsigned int mask = 0x000F000Fu, magic = MAGIC, one = ONE2;
   float acc[TN][2];
 #pragma unroll
@@ -218,7 +272,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     }
   };
 #if STAGES == 0
+#if NORM
+  const u4* xp = xs + tq * 2;
+#else
   const u4* xp = reinterpret_cast<const u4*>(x + (u64)m * ldx) + tq * 2;
+#endif
   auto load = [&](int s, u4 (&wv)[TN][4], u4 (&xv)[4][2], u2 (&md)[TN][GPS]) {  // one step's operands
 #pragma unroll
     for (int t = 0; t < TN; ++t)
@@ -258,7 +316,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   struct Slot { u4 w[TN][4][32]; u4 x[32]; u2 m[TN][GPS][8]; };
   __shared__ Slot ring_all[WARPS][STAGES];
   Slot* ring = ring_all[warp];
+#if !NORM
   const u4* xrow = reinterpret_cast<const u4*>(x + (u64)m * ldx);
+#endif
   const int n = s1 - s0;
   auto issue = [&](int s, Slot& sl) {
 #pragma unroll
@@ -266,7 +326,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         cp_async16(&sl.w[t][i][lane], &qw[((u64)(tile0 + t) * chunks + s * 4 + i) * 32 + lane]);
+#if !NORM  // else x is read from xs
     cp_async16(&sl.x[lane], &xrow[s * 32 + lane]);
+#endif
     for (int e = lane; e < TN * GPS * 8; e += 32) {
       const int t = e / (GPS * 8), q = (e / 8) % GPS, r = e % 8;
       cp_async8(&sl.m[t][q][r], &meta[((u64)(tile0 + t) * G + s * 4 / CPG + q) * 8 + r]);
@@ -290,7 +352,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
 #pragma unroll
       for (int i = 0; i < 4; ++i) wv[t][i] = sl.w[t][i][lane];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) { xv[i][0] = sl.x[i * 8 + tq * 2]; xv[i][1] = sl.x[i * 8 + tq * 2 + 1]; }
+    for (int i = 0; i < 4; ++i) {
+#if NORM
+      xv[i][0] = xs[(s0 + k) * 32 + i * 8 + tq * 2]; xv[i][1] = xs[(s0 + k) * 32 + i * 8 + tq * 2 + 1];
+#else
+      xv[i][0] = sl.x[i * 8 + tq * 2]; xv[i][1] = sl.x[i * 8 + tq * 2 + 1];
+#endif
+    }
 #pragma unroll
     for (int t = 0; t < TN; ++t)
 #pragma unroll
@@ -320,6 +388,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     const float a = act_to_float(to_half(sum)), g = act_to_float(to_half(gate));
     const float s = act_to_float(to_half(g / (1.f + expf(-g))));
     y[(u64)m * ldy + n] = to_half(a * s);
+#elif RESID
+    y[(u64)m * ldy + n] = to_half(act_to_float(resid[(u64)m * ldr + n]) + act_to_float(to_half(sum)));
 #else
     y[(u64)m * ldy + n] = to_half(sum);
 #endif
@@ -665,6 +735,8 @@ def defines(dtype: torch.dtype, group_size: int, cfg: Config) -> dict[str, str]:
         "FENCE": str(cfg.fence),
         "STAGES": str(cfg.stages),
         "GLU": str(cfg.glu),
+        "NORM": str(cfg.norm),
+        "RESID": str(cfg.resid),
         "ACT_BF16": str(int(dtype == torch.bfloat16)),
         "MAGIC_VALUE": f"{FORMATS[dtype][1]:.1f}f",
     }
@@ -758,11 +830,23 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def _check_fused(x: Tensor, n_out: int, cfg: Config, gamma: Tensor | None, resid: Tensor | None) -> None:
+    """The norm prologue's and the residual epilogue's operands, as the config asks for them."""
+    if cfg.norm and (cfg.norm != x.shape[1] or gamma is None or gamma.shape != (cfg.norm,) or gamma.dtype != x.dtype):
+        raise ValueError(f"config {cfg.name}: needs x of {cfg.norm} features and gamma [{cfg.norm}] in {x.dtype}")
+    if cfg.resid and (resid is None or resid.shape != (x.shape[0], n_out) or resid.dtype != x.dtype):
+        raise ValueError(f"config {cfg.name}: needs resid [{x.shape[0]}, {n_out}] in {x.dtype}")
+    if (gamma is not None and not cfg.norm) or (resid is not None and not cfg.resid):
+        raise ValueError(f"config {cfg.name}: gamma goes with norm, resid with resid")
+
+
 def launch(
-    x: Tensor, p: Packed, bias: Tensor | None, cfg: Config = DEFAULT_CONFIG, out: Tensor | None = None
-) -> Tensor:
+    x: Tensor, p: Packed, bias: Tensor | None, cfg: Config = DEFAULT_CONFIG, out: Tensor | None = None,
+    gamma: Tensor | None = None, eps: float = 0.0, resid: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """y [M, N] = x [M, K] @ W (+ bias fp32) on CUDA, in x's dtype (must be the dtype p was packed for);
-    with cfg.glu, y [M, N/2] = a * silu(b) of the two halves of that product (see Config)."""
+    with cfg.glu, y [M, N/2] = a * silu(b) of the two halves of that product; cfg.norm: x is first
+    rms_norm(x, gamma, eps); cfg.resid: y = resid + y (see Config)."""
     m, k = x.shape
     if k != p.in_features:
         raise ValueError(f"x has {k} features, the weight {p.in_features}")
@@ -772,10 +856,13 @@ def launch(
     if n_out % (16 * cfg.tiles) or (cfg.glu and p.out_features % 32):
         raise ValueError(f"config {cfg.name}: out_features {p.out_features} does not split into its blocks")
     _check_packed(p, x.device)
+    _check_fused(x, n_out, cfg, gamma, resid)
     if bias is not None and bias.numel() != p.out_features:
         raise ValueError(f"bias has {bias.numel()} values, the layer {p.out_features} outputs")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows are read with 16-byte loads
         x = x.contiguous().clone() if x.data_ptr() % 16 else x.contiguous()
+    g = None if gamma is None else gamma.contiguous() if gamma.data_ptr() % 16 == 0 else gamma.clone()
+    r = None if resid is None else resid if resid.stride(1) == 1 else resid.contiguous()
     y = torch.empty(m, n_out, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
@@ -789,6 +876,8 @@ def launch(
             ctypes.c_void_p(x[r0].data_ptr()), ctypes.c_void_p(b.data_ptr() if b is not None else 0),
             ctypes.c_void_p(y[r0].data_ptr()), ctypes.c_int(k), ctypes.c_int(p.meta.shape[1]),
             ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)), ctypes.c_uint(0), ctypes.c_int(n_out // 16),
+            ctypes.c_void_p(g.data_ptr() if g is not None else 0), ctypes.c_float(eps),
+            ctypes.c_void_p(0 if r is None else r[r0].data_ptr()), ctypes.c_int(0 if r is None else r.stride(0)),
         ]  # fmt: skip
         _cu_launch(fn, index, (n_out // (16 * cfg.tiles), rows), cfg.threads, args)
     return y
@@ -826,16 +915,25 @@ def _int4_mma_op(
     fence: int,
     stages: int,
     glu: int,
+    norm: int,
+    resid_flag: int,
+    gamma: Tensor | None,
+    eps: float,
+    resid: Tensor | None,
 ) -> Tensor:
-    p = Packed(qweight, meta, group_size, x.dtype)
-    if x.device.type != "cuda":  # CPU: the lane-by-lane model of the kernel
-        y = emulate(x, p, bias)
-        return swiglu(*y.chunk(2, dim=-1)) if glu else y
-    return launch(x, p, bias, Config(warps, tiles, fence, stages, glu))
+    cfg = Config(warps, tiles, fence, stages, glu, norm, resid_flag)
+    if x.device.type == "cuda":
+        return launch(x, Packed(qweight, meta, group_size, x.dtype), bias, cfg, gamma=gamma, eps=eps, resid=resid)
+    # CPU: the model's ops around the lane-by-lane model of the kernel
+    n_out = qweight.shape[0] * (8 if glu else 16)
+    _check_fused(x, n_out, cfg, gamma, resid)
+    y = emulate(rms_norm(x, gamma, eps) if norm else x, Packed(qweight, meta, group_size, x.dtype), bias)
+    y = swiglu(*y.chunk(2, dim=-1)) if glu else y
+    return resid + y if resid_flag else y
 
 
 @_int4_mma_op.register_fake
-def _(x, qweight, meta, bias, group_size, warps, tiles, fence, stages, glu):
+def _(x, qweight, meta, bias, group_size, warps, tiles, fence, stages, glu, norm, resid_flag, gamma, eps, resid):
     return x.new_empty(x.shape[0], qweight.shape[0] * (8 if glu else 16))
 
 
@@ -850,17 +948,28 @@ def _(qweight, meta, group_size, act_bf16, out_f32):
     return qweight.new_empty(qweight.shape[0] * 16, qweight.shape[1] * CHUNK, dtype=dtype)
 
 
+def rms_norm(x: Tensor, gamma: Tensor, eps: float) -> Tensor:
+    """The model's RMSNorm (qvlq.model.modeling.RMSNorm) as the norm prologue computes it: fp32 statistics,
+    x * rsqrt(mean(x^2) + eps) rounded to x's dtype, times gamma (in x's dtype)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * gamma
+
+
 def swiglu(a: Tensor, b: Tensor) -> Tensor:
     """Qwen's MLP gate, a * silu(b), in torch's eager ops: what the kernel's glu epilogue computes."""
     return a * torch.nn.functional.silu(b)
 
 
-def gemv(x: Tensor, p: Packed, bias: Tensor | None = None, cfg: Config = DEFAULT_CONFIG) -> Tensor:
+def gemv(
+    x: Tensor, p: Packed, bias: Tensor | None = None, cfg: Config = DEFAULT_CONFIG, gamma: Tensor | None = None,
+    eps: float = 0.0, resid: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """y [M, N] = x [M, K] @ W (+ bias, added in fp32), in x's dtype: the kernel on CUDA, `emulate` on CPU;
-    with cfg.glu, [M, N/2] = swiglu of the two halves."""
+    with cfg.glu, [M, N/2] = swiglu of the two halves; cfg.norm: of rms_norm(x, gamma, eps); cfg.resid: plus
+    resid."""
     if x.dtype != p.dtype:
         raise ValueError(f"x is {x.dtype}, the weight was packed for {p.dtype} activations")
-    return torch.ops.qvlq.int4_mma_gemv(x.contiguous(), p.qweight, p.meta, bias, p.group_size, *cfg)
+    return torch.ops.qvlq.int4_mma_gemv(x.contiguous(), p.qweight, p.meta, bias, p.group_size, *cfg, gamma, eps, resid)
 
 
 # ------------------------------------------------------------------------------------------ tuning

@@ -7,7 +7,8 @@
 //
 // Build: g++ -std=c++20 -O1 -pthread -I<dir with kernel.cu> -DQVLQ_BF16=0|1 <int4_mma.defines as -D> this.cpp
 // Run:   ./a.out <dir> N K G M has_bias [ldx]   (reads qw.bin meta.bin x.bin [bias.bin], writes y.bin;
-//        x.bin holds M rows of ldx values, default K; with GLU, y.bin holds N/2 outputs a row)
+//        x.bin holds M rows of ldx values, default K; with GLU, y.bin holds N/2 outputs a row; NORM reads
+//        gamma.bin (K values) and eps, the 8th argument; RESID reads resid.bin, M rows of the outputs)
 //        ./a.out dequant <dir> N K G out_f32       (qvlq_int4_dequant: reads qw.bin meta.bin, writes w.bin)
 #include <barrier>
 #include <cmath>
@@ -51,6 +52,7 @@ static unsigned int fma2(unsigned int a, unsigned int b, unsigned int c) {
   return lo | (hi << 16);
 }
 static unsigned short to_half(float v) { return f2h(v); }
+static float rsqrt_(float v) { return 1.f / std::sqrt(v); }
 static float act_to_float(unsigned int h) { return h2f(h); }
 
 struct Warp {
@@ -139,17 +141,21 @@ static int run_dequant(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "dequant") return run_dequant(argc, argv);
-  if (argc != 7 && argc != 8) { std::fprintf(stderr, "usage: %s dir N K G M has_bias [ldx]\n", argv[0]); return 2; }
+  if (argc < 7 || argc > 9) { std::fprintf(stderr, "usage: %s dir N K G M has_bias [ldx [eps]]\n", argv[0]); return 2; }
   const std::string dir = argv[1];
   const int N = std::atoi(argv[2]), K = std::atoi(argv[3]), G = std::atoi(argv[4]), M = std::atoi(argv[5]);
   const bool has_bias = std::atoi(argv[6]) != 0;
-  const int ldx = argc == 8 ? std::atoi(argv[7]) : K;
+  const int ldx = argc >= 8 ? std::atoi(argv[7]) : K;
+  const float eps = argc == 9 ? (float)std::atof(argv[8]) : 0.f;
   auto qw = load<u4>(dir + "/qw.bin", (size_t)N / 16 * K / 64 * 32);
   auto meta = load<u2>(dir + "/meta.bin", (size_t)N / 16 * G * 8);
   auto x = load<unsigned short>(dir + "/x.bin", (size_t)M * ldx);
   std::vector<float> bias = has_bias ? load<float>(dir + "/bias.bin", N) : std::vector<float>();
   const int n_out = GLU ? N / 2 : N;
   std::vector<unsigned short> y((size_t)M * n_out, 0xFFFF);
+  std::vector<unsigned short> gamma = NORM ? load<unsigned short>(dir + "/gamma.bin", K) : std::vector<unsigned short>(8);
+  std::vector<unsigned short> resid = RESID ? load<unsigned short>(dir + "/resid.bin", (size_t)M * n_out)
+                                            : std::vector<unsigned short>(8);
   std::vector<Warp> ws(WARPS);
   for (auto& w : ws) w.bar = new std::barrier<>(32);
   warps = ws.data();
@@ -163,7 +169,8 @@ int main(int argc, char** argv) {
         for (int bx = 0; bx < n_out / 16 / TN; ++bx) {
           blockIdx.x = bx;
           blockIdx.y = by;
-          qvlq_int4_mma(qw.data(), meta.data(), x.data(), has_bias ? bias.data() : nullptr, y.data(), K, G, ldx, n_out, 0u, n_out / 16);
+          qvlq_int4_mma(qw.data(), meta.data(), x.data(), has_bias ? bias.data() : nullptr, y.data(), K, G, ldx, n_out, 0u, n_out / 16,
+                        gamma.data(), eps, resid.data(), n_out);
           block_barrier->arrive_and_wait();  // the block is done with its __shared__ before the next starts
         }
     });

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from qvlq.int4_triton import triton_error
 
@@ -60,6 +61,24 @@ def test_int4_gemv_step_summary() -> None:
     del rows[2]["mma_us"]  # mlp.w1 without an mma time: no mma step, no mma fusion figure
     step, fusion = b.step_summary(rows)
     assert set(step) == {"tinygemm"} and set(fusion) == {"tinygemm"}
+
+
+def test_int4_gemv_block_variants_on_cpu(monkeypatch) -> None:
+    """The fused-block launches' timing code, run on the CPU op (one call stands for the CUDA graph)."""
+    import argparse
+
+    b = load("int4_gemv")
+    monkeypatch.setattr(b.T, "copies_for_l2", lambda nbytes, device: 2)
+    monkeypatch.setattr(b.T, "time_graph", lambda call, calls, repeats: (call(0), call(1), 1e-5)[2])
+    monkeypatch.setattr(b, "BLOCK_VARIANTS", {"a": dict(norm=256), "b": dict(resid=1), "c": dict(glu=1, norm=256)})
+    args = argparse.Namespace(calls=1, repeats=1)
+    for name, n in (("a", 32), ("b", 48), ("c", 64)):
+        codes, zeros, scales = b.random_layer(256, n, "cpu", seed=n)
+        mp = b.M.pack(codes, zeros, scales, b.GROUP, torch.bfloat16)
+        row = {"name": name, "mma_best": "w4t1"}
+        b.time_block_variant(row, mp, torch.randn(1, 256).bfloat16(), args)
+        assert row["block_variant"].startswith("w4t1-") and row["block_variant_rel_error"] == 0.0, row
+        assert row["block_variant_us"] == pytest.approx(10.0)
 
 
 DECODE_ATTENTION = """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -274,6 +275,27 @@ def test_int4_model_matches_hf(backend: str) -> None:
         assert_same(greedy(compiled, ids, steps=12, image_features=feats), ref)
 
 
+def mma_model(seq_length: int, layers: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
+              config: Any = None) -> QWenLMHeadModel:  # fmt: skip
+    """A tiny model with widths of 256 (the mma kernel's K steps), its block linears 4-bit on the "mma" backend
+    (with that int4_mma config, where given)."""
+    from qvlq.int4 import QuantLinear
+
+    cfg = tiny_config(seq_length, layers=layers)
+    cfg.hidden_size, cfg.kv_channels, cfg.intermediate_size = 256, 64, 2 * 512
+    cfg.visual = dict(cfg.visual, output_dim=256)
+    torch.manual_seed(0)
+    model = QWenLMHeadModel(cfg).eval()
+    quantize_blocks(model)
+    model = model.to(device=device, dtype=dtype)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prepare("mma")
+            if config is not None:
+                m._cache["mcfg"] = config
+    return model
+
+
 def test_mma_int4_model_matches_hf_in_the_traced_step(monkeypatch) -> None:
     """QuantLinear's "mma" backend (its CPU op runs the kernel's lane-level model) inside the engine's step,
     eager and traced: the same tokens as the HF loop on the same modules. Widths of 256 for its K steps."""
@@ -281,15 +303,7 @@ def test_mma_int4_model_matches_hf_in_the_traced_step(monkeypatch) -> None:
     from qvlq.int4_mma import swiglu
 
     monkeypatch.setattr(QuantLinear, "_int4_ok", lambda self, backend: None)  # the CUDA checks, on the CPU
-    cfg = tiny_config(272, layers=1)
-    cfg.hidden_size, cfg.kv_channels, cfg.intermediate_size = 256, 64, 2 * 512
-    cfg.visual = dict(cfg.visual, output_dim=256)
-    torch.manual_seed(0)
-    model = QWenLMHeadModel(cfg).eval()
-    quantize_blocks(model)
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.prepare("mma")
+    model = mma_model(272, layers=1)
     ids = prompt(model.config)
     feats = model.transformer.encode_images(image()).detach()
     ref = greedy(HFEngine(model), ids, steps=8, image_features=feats)
@@ -313,6 +327,43 @@ def test_mma_int4_model_matches_hf_in_the_traced_step(monkeypatch) -> None:
     assert compiled.decoder.fused_mlp["0"] is fused  # a second engine shares it
     assert_same(greedy(compiled, ids, steps=8, image_features=feats), ref)
     assert FastEngine(model, 320, fuse_mlp=False).describe()["fused_mlp"] == 0
+
+
+def test_fused_blocks_in_bf16_match_the_unfused_step(monkeypatch) -> None:
+    """A bf16 model whose linears all run the mma kernel: each block's decode step as four launches (RMSNorms in
+    the GEMV prologues, the gate and the residual adds in epilogues). On the CPU each launch is the model's ops
+    around the kernel's lane model, so the step is the unfused one bit for bit, eager and traced; the greedy
+    tokens are the HF loop's."""
+    from qvlq import int4
+    from qvlq.int4 import QuantLinear
+    from qvlq.int4_mma import Config
+
+    monkeypatch.setattr(QuantLinear, "_int4_ok", lambda self, backend: None)
+    model = mma_model(272, layers=2, dtype=torch.bfloat16)
+    ids = prompt(model.config)
+    feats = model.transformer.encode_images(image().bfloat16()).detach()
+    engine = FastEngine(model, 320)
+    d = engine.describe()
+    assert d["fused_blocks"] == d["fused_mlp"] == d["fused_mlp_gate"] == 2 and not d["fused_block_off"], d
+    fb = engine.decoder.fused_blocks["0"]
+    assert fb.cfgs["attn_in"].norm == 256 and fb.cfgs["mlp_in"].glu and fb.cfgs["attn_out"].resid
+    plain = FastEngine(model, 320, fuse_block=False)
+    assert plain.describe()["fused_blocks"] == 0 and plain.describe()["fused_mlp_gate"] == 2
+    ref = greedy(plain, ids, steps=10, image_features=feats)
+    assert_same(greedy(engine, ids, steps=10, image_features=feats), ref, atol=0)  # bit for bit
+    hf = greedy(HFEngine(model), ids, steps=10, image_features=feats)
+    assert hf[0].tolist() == ref[0].tolist()
+    traced = FastEngine(model, 320, compile=True, compile_backend="aot_eager")
+    assert traced.describe()["fused_blocks"] == 2
+    assert_same(greedy(traced, ids, steps=10, image_features=feats), ref, atol=0)
+    # what keeps a block unfused: a layer that is not mma, or a layer config without room for the prologue
+    model.transformer.h[1].attn.c_proj.prepare("dequant")
+    off = FastEngine(model, 320).describe()
+    assert off["fused_blocks"] == 1 and off["fused_block_off"] == ["attn_out: not an mma layer without act-order"]
+    block = model.transformer.h[0]
+    block.attn.c_attn._cache["mcfg"] = Config(32, 1)  # 1024 threads: over int4_mma.MAX_THREADS
+    why = int4.fuse_block(block, engine.decoder.fused_mlp["0"], torch.bfloat16)
+    assert why == "attn_in: config w32t1 has no block with norm"
 
 
 # ---------------------------------------------------------------- CUDA (run on the lent GPU)
@@ -393,24 +444,16 @@ def test_cuda_int4_matches_hf(compile: bool | str) -> None:
 @cuda
 @ENGINE_KINDS
 def test_cuda_mma_int4_with_fused_mlp_matches_hf(compile: bool | str) -> None:
-    """The mma kernel on CUDA with each layer's w1 + w2 and its gate as one GEMV, in both kinds of CUDA graph."""
-    from qvlq.int4 import QuantLinear
+    """The mma kernel on CUDA with each block in four launches (norms, gate and residual adds inside), in both
+    kinds of CUDA graph."""
     from qvlq.int4_mma import Config
 
-    cfg = tiny_config(16)
-    cfg.hidden_size, cfg.kv_channels, cfg.intermediate_size = 256, 64, 2 * 512  # the kernel's K steps of 256
-    cfg.visual = dict(cfg.visual, output_dim=256)
-    torch.manual_seed(0)
-    model = QWenLMHeadModel(cfg).eval()
-    quantize_blocks(model)
-    model = model.to(device="cuda", dtype=torch.bfloat16)
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.prepare("mma")
-            m._cache["mcfg"] = Config(4, 1)  # one with a glu block, whatever the tuner chose
+    # a config with glu, norm and resid blocks, whatever the tuner chose
+    model = mma_model(16, layers=2, dtype=torch.bfloat16, device="cuda", config=Config(4, 1))
     engine = check_cuda_engine(compile, torch.bfloat16, model=model)
     d = engine.describe()
-    assert d["int4_backend"] == "mma" and d["fused_mlp"] == d["fused_mlp_gate"] == cfg.num_hidden_layers, d
+    layers = model.config.num_hidden_layers
+    assert d["int4_backend"] == "mma" and d["fused_mlp"] == d["fused_mlp_gate"] == d["fused_blocks"] == layers, d
 
 
 @pytest.mark.gpu

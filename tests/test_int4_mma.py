@@ -231,8 +231,8 @@ def test_source_compiles_without_spills(tmp_path, arch, dtype):
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, log
     for gs in (64, 256, 1024):
         _nvcc(tmp_path, arch, dtype, gs, M.DEFAULT_CONFIG)
-    glu = [g for c in M.CONFIGS if (g := M.glu_config(c, 128)) is not None]
-    assert len(glu) >= 10 and M.glu_config(M.Config(4, 1), 128) == M.Config(4, 1, glu=1)
+    glu = [g for c in M.CONFIGS if (g := M.variant(c, 128, glu=1)) is not None]
+    assert len(glu) >= 10 and M.variant(M.Config(4, 1), 128, glu=1) == M.Config(4, 1, glu=1)
     for cfg in glu if every else glu[:1]:  # the glu block: the same work per warp, no more registers
         log = _nvcc(tmp_path, arch, dtype, 128, cfg)
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (cfg.name, log)
@@ -269,9 +269,11 @@ def host_dequantize(tmp_path: Path, p: M.Packed, out_f32: bool, source: str = M.
 
 
 def host_kernel(tmp_path: Path, p: M.Packed, x: torch.Tensor, bias: torch.Tensor | None, cfg: M.Config,
-                source: str = M.SOURCE, pad: int = 0) -> torch.Tensor:  # fmt: skip
+                source: str = M.SOURCE, pad: int = 0, gamma: torch.Tensor | None = None, eps: float = 0.0,
+                resid: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Run the CUDA source's kernel on the host (tests/int4_mma_host.cpp): y [M, N] in x's dtype. pad: extra
-    NaN values after each row of x (a row stride ldx > K, as a view of a wider tensor has)."""
+    NaN values after each row of x (a row stride ldx > K, as a view of a wider tensor has); gamma, eps: the
+    norm prologue's; resid: the residual epilogue's."""
     exe = _host_build(tmp_path, p, cfg, source)
     p.qweight.numpy().tofile(tmp_path / "qw.bin")
     p.meta.numpy().tofile(tmp_path / "meta.bin")
@@ -279,8 +281,12 @@ def host_kernel(tmp_path: Path, p: M.Packed, x: torch.Tensor, bias: torch.Tensor
     xp.contiguous().view(torch.int16).numpy().tofile(tmp_path / "x.bin")
     if bias is not None:
         bias.float().numpy().tofile(tmp_path / "bias.bin")
+    for name, t in (("gamma", gamma), ("resid", resid)):
+        if t is not None:
+            t.contiguous().view(torch.int16).numpy().tofile(tmp_path / f"{name}.bin")
     n, k, g, m = p.out_features, p.in_features, p.meta.shape[1], x.shape[0]
     args = [str(exe), str(tmp_path), str(n), str(k), str(g), str(m), str(int(bias is not None)), str(k + pad)]
+    args.append(repr(eps))
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     y = torch.from_numpy(np.fromfile(tmp_path / "y.bin", dtype=np.int16))
@@ -347,6 +353,48 @@ def test_glu_epilogue_on_the_host_matches_torch(tmp_path, case):
         bug = M.SOURCE.replace(" + (warp / WH) * half", "")  # b's tiles taken from a
     assert bug != M.SOURCE
     assert mismatch(host_kernel(tmp_path, p, x, bias, cfg, source=bug), want.float()) is not None
+
+
+FUSED_CASES = [  # (dtype, N, K, group, config, rows): the norm prologue (registers, the ring, glu), the residual add
+    (torch.bfloat16, 32, 1024, 128, M.Config(4, 1, norm=1024), 2),
+    (torch.float16, 64, 512, 64, M.Config(2, 2, norm=512), 1),
+    (torch.bfloat16, 32, 2048, 128, M.Config(2, 1, 1, 4, norm=2048), 1),
+    (torch.bfloat16, 64, 768, 128, M.Config(4, 1, glu=1, norm=768), 3),
+    (torch.bfloat16, 48, 512, 128, M.Config(8, 1, resid=1), 2),
+    (torch.float16, 32, 1024, 256, M.Config(4, 2, 1, 2, resid=1), 1),
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{str(c[0])[6:]}-{c[1]}x{c[2]}-{c[4].name}-m{c[5]}")
+def test_norm_prologue_and_residual_epilogue_on_the_host(tmp_path, case):
+    """norm: the block normalizes its row of the residual stream as the model's RMSNorm does, then the product;
+    resid: the residual add on the rounded product. Against the CPU op (the model's ops around the kernel's
+    lane model): equal but for the order of the fp32 sum of squares and rsqrt's rounding, never more than one
+    rounding off; and a kernel that skips gamma, or reads the unnormalized x, is caught."""
+    dtype, n, k, gs, cfg, rows = case
+    p, _ = random_packed(n, k, gs, dtype, seed=n + k)
+    gen = torch.Generator().manual_seed(9)
+    x = (3 * torch.randn(rows, k, generator=gen)).to(dtype)
+    n_out = n // 2 if cfg.glu else n
+    gamma = (1 + 0.5 * torch.randn(k, generator=gen)).to(dtype) if cfg.norm else None
+    resid = torch.randn(rows, n_out, generator=gen).to(dtype) if cfg.resid else None
+    eps = 1e-6 if cfg.norm else 0.0
+    want = M.gemv(x, p, None, cfg, gamma, eps, resid)
+    unfused = M.emulate(M.rms_norm(x, gamma, eps) if cfg.norm else x, p)
+    unfused = M.swiglu(*unfused.chunk(2, -1)) if cfg.glu else unfused
+    assert torch.equal(want, resid + unfused if cfg.resid else unfused)  # the CPU op is the model's composition
+    y = host_kernel(tmp_path, p, x, None, cfg, gamma=gamma, eps=eps, resid=resid)
+    assert y.shape == (rows, n_out) and mismatch(y, want.float()) is None
+    assert (y != want).float().mean() < 0.05
+    bugs = [("norm2(v.x, g.x, r)", "norm2(v.x, 0x3F803F80u, r)"), ("const u4* xp = xs + tq * 2;", "const u4* xp = "
+            "reinterpret_cast<const u4*>(x + (u64)m * ldx) + tq * 2;")] if cfg.norm and not cfg.stages else []
+    bugs += [("act_to_float(resid[(u64)m * ldr + n]) + ", "")] if cfg.resid else []
+    for old, new in bugs:
+        assert old in M.SOURCE
+        source = M.SOURCE.replace(old, new)
+        bad = host_kernel(tmp_path, p, x, None, cfg, source=source, gamma=gamma, eps=eps, resid=resid)
+        assert mismatch(bad, want.float()) is not None, old
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not on PATH")
@@ -505,6 +553,32 @@ def test_quantlinear_mma_in_compiled_graph_and_fastest():
 
 @pytest.mark.gpu
 @gpu
+def test_norm_prologue_and_residual_epilogue_at_full_size():
+    """Every config's norm and resid blocks on the decode step's shapes against the model's ops around the
+    plain kernel: the residual add bit for bit, the norm up to its fp32 sum order and rsqrt."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = (3 * torch.randn(1, 4096, device="cuda", generator=gen)).bfloat16()
+    gamma = (1 + 0.3 * torch.randn(4096, device="cuda", generator=gen)).bfloat16()
+    for n, k, flags in ((12288, 4096, dict(norm=4096)), (22016, 4096, dict(norm=4096, glu=1)),
+                        (4096, 4096, dict(resid=1)), (4096, 11008, dict(resid=1))):  # fmt: skip
+        p, _ = random_packed(n, k, 128, torch.bfloat16, seed=n, device="cuda")
+        xi = x if k == 4096 else torch.randn(1, k, device="cuda", generator=gen).bfloat16()
+        resid = torch.randn(1, n, device="cuda", generator=gen).bfloat16() if flags.get("resid") else None
+        for cfg in M.CONFIGS:
+            v = M.variant(cfg, 128, **flags)
+            if v is None:
+                continue
+            got = M.gemv(xi, p, None, v, gamma if v.norm else None, 1e-6, resid)
+            want = M.gemv(M.rms_norm(xi, gamma, 1e-6) if v.norm else xi, p, None, cfg)
+            want = M.swiglu(*want.chunk(2, -1)) if v.glu else want
+            if v.resid:
+                assert torch.equal(got, resid + want), v.name
+            else:
+                assert rel_error(got, want) < 1e-2 and (got != want).float().mean() < 0.05, v.name
+
+
+@pytest.mark.gpu
+@gpu
 def test_fused_w1_w2_on_cuda_is_bit_identical():
     """The decode step's mlp.w1 + mlp.w2 as one GEMV at full size, eager and inside a compiled graph: the two
     outputs bit for bit, the gate from the glu kernel as torch's ops on them, up to expf."""
@@ -527,7 +601,7 @@ def test_fused_w1_w2_on_cuda_is_bit_identical():
     assert torch.equal(got, fused(x))
     p = M.Packed(fused.qweight, fused.meta, 128, torch.bfloat16)
     for cfg in M.CONFIGS:  # every glu block the tuner could lead to, against torch's gate on its own pair
-        glu = M.glu_config(cfg, 128)
+        glu = M.variant(cfg, 128, glu=1)
         if glu is not None:
             own = M.swiglu(*M.gemv(x, p, None, cfg).chunk(2, dim=-1))
             got = M.gemv(x, p, None, glu)
