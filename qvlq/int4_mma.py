@@ -202,20 +202,31 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   const int chunks = K / 64, steps = K / 256;
   const int s0 = wk * steps / WH, s1 = (wk + 1) * steps / WH;
 #if NORM
-  // mean of squares in fp32: per thread, then per warp and over the warps in a fixed order (deterministic)
+  // The row's RMSNorm into xs. x and gamma are loaded together (one round trip), the mean of squares summed
+  // per thread, per warp and over the warps in a fixed order (deterministic). Called once the first weight
+  // loads are in flight, so its latency hides behind theirs.
   __shared__ u4 xs[NORM / 8];
   __shared__ float ssq[WARPS * 32 + WARPS];
-  {
+  auto norm_x = [&]() {
+    constexpr int PER = (NORM / 8 + WARPS * 32 - 1) / (WARPS * 32);  // 16-byte loads a thread
     const u4* xr = reinterpret_cast<const u4*>(x + (u64)m * ldx);
+    const u4* gr = reinterpret_cast<const u4*>(gamma);
+    u4 xv[PER], gv[PER];
     float ss = 0.f;
-    for (int i = threadIdx.x; i < NORM / 8; i += WARPS * 32) {
-      const u4 v = xr[i];
-      xs[i] = v;
-      const unsigned int h[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float lo = act_to_float(h[j]), hi = act_to_float(h[j] >> 16);
-        ss += lo * lo + hi * hi;
+    for (int j = 0; j < PER; ++j) {
+      const int i = threadIdx.x + j * WARPS * 32;
+      if (i < NORM / 8) { xv[j] = xr[i]; gv[j] = gr[i]; }
+    }
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      if (threadIdx.x + j * WARPS * 32 < NORM / 8) {
+        const unsigned int h[4] = {xv[j].x, xv[j].y, xv[j].z, xv[j].w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float lo = act_to_float(h[e]), hi = act_to_float(h[e] >> 16);
+          ss += lo * lo + hi * hi;
+        }
       }
     }
     ssq[threadIdx.x] = ss;
@@ -230,13 +241,16 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) tot += ssq[WARPS * 32 + w];
     const float r = rsqrt_(tot / (float)NORM + eps);
-    const u4* gr = reinterpret_cast<const u4*>(gamma);
-    for (int i = threadIdx.x; i < NORM / 8; i += WARPS * 32) {
-      const u4 v = xs[i], g = gr[i];
-      xs[i] = u4{norm2(v.x, g.x, r), norm2(v.y, g.y, r), norm2(v.z, g.z, r), norm2(v.w, g.w, r)};
+#pragma unroll
+    for (int j = 0; j < PER; ++j) {
+      const int i = threadIdx.x + j * WARPS * 32;
+      if (i < NORM / 8) {
+        const u4 v = xv[j], g = gv[j];
+        xs[i] = u4{norm2(v.x, g.x, r), norm2(v.y, g.y, r), norm2(v.z, g.z, r), norm2(v.w, g.w, r)};
+      }
     }
     __syncthreads();
-  }
+  };
 #endif
   const unsigned int mask = 0x000F000Fu, magic = MAGIC, one = ONE2;
   float acc[TN][2];
@@ -277,19 +291,39 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
 #else
   const u4* xp = reinterpret_cast<const u4*>(x + (u64)m * ldx) + tq * 2;
 #endif
-  auto load = [&](int s, u4 (&wv)[TN][4], u4 (&xv)[4][2], u2 (&md)[TN][GPS]) {  // one step's operands
+  auto load_w = [&](int s, u4 (&wv)[TN][4], u2 (&md)[TN][GPS]) {  // one step's weights and metadata
 #pragma unroll
     for (int t = 0; t < TN; ++t)
 #pragma unroll
       for (int i = 0; i < 4; ++i) wv[t][i] = qw[((u64)(tile0 + t) * chunks + s * 4 + i) * 32 + lane];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) { xv[i][0] = xp[(s * 4 + i) * 8]; xv[i][1] = xp[(s * 4 + i) * 8 + 1]; }
-#pragma unroll
     for (int t = 0; t < TN; ++t)
 #pragma unroll
       for (int q = 0; q < GPS; ++q) md[t][q] = meta[((u64)(tile0 + t) * G + s * 4 / CPG + q) * 8 + gid];
   };
-  for (int s = s0; s < s1; ++s) {
+  auto load_x = [&](int s, u4 (&xv)[4][2]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { xv[i][0] = xp[(s * 4 + i) * 8]; xv[i][1] = xp[(s * 4 + i) * 8 + 1]; }
+  };
+  auto load = [&](int s, u4 (&wv)[TN][4], u4 (&xv)[4][2], u2 (&md)[TN][GPS]) {  // one step's operands
+    load_w(s, wv, md);
+    load_x(s, xv);
+  };
+  int first = s0;
+#if NORM
+  {  // the first step peeled: its weights in flight while the block normalizes x
+    u4 wv[TN][4], xv[4][2];
+    u2 md[TN][GPS];
+    if (s0 < s1) load_w(s0, wv, md);
+    norm_x();
+    if (s0 < s1) {
+      load_x(s0, xv);
+      step(wv, xv, md);
+    }
+    first = s0 + 1;
+  }
+#endif
+  for (int s = first; s < s1; ++s) {
     u4 wv[TN][4], xv[4][2];
     u2 md[TN][GPS];
     load(s, wv, xv, md);
@@ -339,6 +373,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     if (k < n) issue(s0 + k, ring[k]);
     cp_async_commit();
   }
+#if NORM
+  norm_x();  // while the first steps are in flight
+#endif
   for (int k = 0; k < n; ++k) {
     if (k + STAGES - 1 < n) issue(s0 + k + STAGES - 1, ring[(k + STAGES - 1) % STAGES]);
     cp_async_commit();

@@ -233,7 +233,11 @@ def test_source_compiles_without_spills(tmp_path, arch, dtype):
         _nvcc(tmp_path, arch, dtype, gs, M.DEFAULT_CONFIG)
     glu = [g for c in M.CONFIGS if (g := M.variant(c, 128, glu=1)) is not None]
     assert len(glu) >= 10 and M.variant(M.Config(4, 1), 128, glu=1) == M.Config(4, 1, glu=1)
-    for cfg in glu if every else glu[:1]:  # the glu block: the same work per warp, no more registers
+    # the fused-block variants: the glu block (the same work per warp), the norm prologue, the residual add
+    block = [v for c in M.CONFIGS for f in (dict(glu=1), dict(glu=1, norm=4096), dict(norm=4096), dict(resid=1))
+             if (v := M.variant(c, 128, **f)) is not None]  # fmt: skip
+    assert len(block) >= 40
+    for cfg in block if every else block[:4]:
         log = _nvcc(tmp_path, arch, dtype, 128, cfg)
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (cfg.name, log)
 
