@@ -24,7 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qvlq.fast import FastEngine  # noqa: E402
+from qvlq.fast import FUSE_LEVELS, FastEngine  # noqa: E402
 from qvlq.int4 import int4_backends  # noqa: E402
 from qvlq.io import write_json  # noqa: E402
 from qvlq.random_model import build_random_model, quantize_model_rtn  # noqa: E402
@@ -117,6 +117,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", default="auto", help="FastEngine compile: auto, off or a torch.compile mode")
     ap.add_argument("--attention", default="fastest", help="FastEngine decode attention (sdpa, triton, fastest)")
+    ap.add_argument("--fuse", choices=FUSE_LEVELS, default="block", help="FastEngine int4 fusion (profile --fuse)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = ap.parse_args()
     console = Console(width=200)
@@ -143,7 +144,8 @@ def main() -> int:
     for prec in precisions:
         if prec == "int4":
             result["int4_backends"] = quantize_model_rtn(model, dtype=dtype)
-        engine = FastEngine(model, args.context, compile=compile_opt, attention=args.attention)
+        engine = FastEngine(model, args.context, compile=compile_opt, attention=args.attention,
+                            fuse_mlp=args.fuse != "off", fuse_block=args.fuse == "block")  # fmt: skip
         prompt = args.context // 2 if args.prompt is None else args.prompt
         r = profile_steps(engine, model.config.vocab_size, prompt, args.warmup, args.steps)
         r["prompt"] = prompt

@@ -14,6 +14,8 @@
 #      if the budget has room left
 #   4. the compiled decode step kernel by kernel, with the same int4 choice  (benchmarks/decode_kernels.py)
 #      if the budget has room left
+#   4b. the same for Int4 with the FastEngine's fusion off (--fuse off): the A/B of the fused blocks
+#      if the budget has room left
 # The `hf` engine (the seed's eager loop) is left out: it does not change with these kernels and its cells
 # are in reports/profile/h200-random-full-2026-11-26/; `bash benchmarks/profile_full.sh` runs everything.
 #
@@ -22,8 +24,9 @@
 #                 checks each config against the reference) unless 0 ran and failed
 #   KV_BLOCK=512  profile with SDPA over the first multiple of 512 cache slots instead of the default attention
 #                 choice (one recompile: the length becomes dynamic); step 2b measures both ways per position.
+#   FUSE=mlp|off  profile with less of the FastEngine's int4 fusion (default block; step 4b measures off)
 # Output in $OUT: gpu-checks.log, mma-diagnose.json, int4-gemv.json, decode-attention.json, decode-kernels.json,
-# profile-full.log, profile-full/.
+# decode-kernels-unfused.json, profile-full.log, profile-full/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output directory}"
@@ -33,7 +36,7 @@ START=$(date +%s)
 BUDGET="${BUDGET:-540}"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COLUMNS="${COLUMNS:-200}"
 LOG="$OUT/gpu-checks.log"
-want() { [[ " ${STEPS:-0 2 2b 3 1 4} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-0 2 2b 3 1 4 4b} " == *" $1 "* ]]; }
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
@@ -79,7 +82,7 @@ if want 3; then
     say "3. profile with QVLQ_INT4_BACKEND=$BACKEND over $QVLQ_INT4_CANDIDATES, attention $ATTENTION (limit ${P_TIMEOUT}s)"
     QVLQ_INT4_BACKEND=$BACKEND FAST_COMPILE=auto MAX_SECONDS=$(( P_TIMEOUT - 25 )) TIMEOUT=$P_TIMEOUT OUT="$OUT" \
         PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 --windowed '' \
-        --attention "$ATTENTION" ${KV_BLOCK:+--kv-block "$KV_BLOCK"} >/dev/null 2>&1
+        --attention "$ATTENTION" --fuse "${FUSE:-block}" ${KV_BLOCK:+--kv-block "$KV_BLOCK"} >/dev/null 2>&1
     say "3. rc=$?; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
 fi
 
@@ -102,5 +105,15 @@ if want 4 && (( $(left) >= 70 )); then
     say "4. rc=$?"
 elif want 4; then
     say "4. skipped: $(left) s left"
+fi
+
+if want 4b && (( $(left) >= 60 )); then
+    say "4b. decode step kernels, Int4 unfused (limit $(( $(left) - 5 ))s)"
+    QVLQ_INT4_BACKEND=$BACKEND timeout -k 5 $(( $(left) - 5 )) "$PY" benchmarks/decode_kernels.py --precisions int4 \
+        --fuse off --attention "$ATTENTION" --out "$OUT/decode-kernels-unfused.json" 2>&1 | tee -a "$LOG" \
+        | grep -v "^USDT" | tail -n 30
+    say "4b. rc=$?"
+elif want 4b; then
+    say "4b. skipped: $(left) s left"
 fi
 say "gpu_checks: done"

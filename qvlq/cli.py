@@ -352,6 +352,11 @@ def profile_cmd(
         typer.Option(help="FastEngine decode attention: fastest (CUDA: SDPA and the Triton split-KV kernel timed, the "
                      "faster kept), sdpa, math or triton. Default: fastest, sdpa with --kv-block."),
     ] = None,  # fmt: skip
+    fuse: Annotated[
+        str,
+        typer.Option(help="FastEngine Int4 fusion (mma kernel): block (RMSNorms, MLP gate and residual adds inside "
+                     "four launches a layer), mlp (w1 + w2 and the gate only) or off."),
+    ] = "block",  # fmt: skip
     int4_kernel: Annotated[
         str | None,
         typer.Option(help="Int4 layers: fastest (time every usable CUDA kernel per shape, keep the fastest), "
@@ -396,7 +401,7 @@ def profile_cmd(
         int4_dtype=int4_dtype, max_seconds=max_seconds, windowed=parse_windowed(windowed),
         window_tokens=window_tokens, window_points=window_points, warmup_tokens=warmup_tokens,
         crosscheck_tokens=crosscheck_tokens, fast_compile=fast_compile, kv_block=kv_block, seed=seed,
-        attention=attention or ("sdpa" if kv_block else "fastest"),
+        attention=attention or ("sdpa" if kv_block else "fastest"), fuse=fuse,
         int4_kernel=int4_kernel or env_backend() or "fastest",
     )  # fmt: skip
     settings.validate()

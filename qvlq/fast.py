@@ -45,6 +45,7 @@ from .model.modeling import apply_rope, ntk_alpha, rope_cos_sin
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTIONS = ("sdpa", "math", "triton", "fastest")
+FUSE_LEVELS = ("block", "mlp", "off")  # int4 fusion: fuse_block (+ fuse_mlp), fuse_mlp only, neither
 
 
 class KVCache(nn.Module):

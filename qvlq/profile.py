@@ -381,6 +381,7 @@ class ProfileSettings:
     int4_kernel: str = "fastest"  # QuantLinear backend of the Int4 layers; fastest = timed per shape (CUDA)
     kv_block: int | None = None
     attention: str = "fastest"  # FastEngine decode attention: sdpa | math | triton | fastest (timed on CUDA)
+    fuse: str = "block"  # FastEngine int4 fusion: block | mlp | off (see FastEngine fuse_mlp, fuse_block)
     seed: int = 0
 
     def runs_for(self, context: int, on_gpu: bool) -> int:
@@ -418,6 +419,10 @@ class ProfileSettings:
         if self.kv_block is not None and self.attention in ("triton", "fastest"):
             raise ProfileRefused(f"--kv-block buckets SDPA's length; --attention {self.attention} bounds the read "
                                  "itself: use --attention sdpa with --kv-block")  # fmt: skip
+        from .fast import FUSE_LEVELS
+
+        if self.fuse not in FUSE_LEVELS:
+            raise ProfileRefused(f"--fuse must be one of {', '.join(FUSE_LEVELS)}, got {self.fuse!r}")
         if self.int4_dtype not in ("fp16", "bf16"):
             raise ProfileRefused("--int4-dtype must be fp16 or bf16")
         if self.window_tokens < 2 or self.window_points < 2:
@@ -766,6 +771,7 @@ class _Profiler:
         if s.kv_block is not None:
             fast_opts["kv_block"] = s.kv_block
         fast_opts["attention"] = s.attention
+        fast_opts["fuse_mlp"], fast_opts["fuse_block"] = s.fuse != "off", s.fuse == "block"
         pairs = [(c, e) for c in s.contexts for e in s.engines]
         for k, (context, name) in enumerate(pairs):
             n_new = context - image_tokens

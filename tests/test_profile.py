@@ -197,6 +197,13 @@ def test_attention_option(tmp_path):
     assert both.exit_code == 2 and "use --attention sdpa with --kv-block" in both.output
     bad = CliRunner().invoke(app, [*args, "--attention", "flash", "--overwrite"])
     assert bad.exit_code == 2 and "--attention must be one of" in bad.output
+    bad = CliRunner().invoke(app, [*args, "--fuse", "all", "--overwrite"])
+    assert bad.exit_code == 2 and "--fuse must be one of block, mlp, off" in bad.output
+    off = CliRunner().invoke(app, [*args, "--fuse", "off", "--precisions", "int4", "--overwrite"])
+    assert off.exit_code == 0, off.output
+    data = json.loads(off.stdout)
+    assert data["settings"]["fuse"] == "off"  # (CPU: no mma layers, so nothing is fused either way)
+    assert {"fused_mlp", "fused_blocks", "fused_block_off"} <= set(data["engines"]["int4/fast@292"])
 
 
 def test_contexts_shorter_than_the_image_prompt_are_refused():
