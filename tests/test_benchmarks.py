@@ -108,7 +108,7 @@ def test_decode_attention_benchmark_path(tmp_path: Path) -> None:
 
 def test_decode_kernels_on_the_tiny_model(tmp_path: Path) -> None:
     args = ["--size", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--context", "320"]
-    args += ["--compile", "off"]
+    args += ["--compile", "off", "--fuse", "mlp"]  # (gpu_checks' step 4b passes --fuse off)
     proc = run([str(BENCH / "decode_kernels.py"), *args, "--out", "kernels.json"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "kernels.json").read_text())
