@@ -31,6 +31,10 @@ reduced through shared memory: no atomics, no second kernel); grid.y runs the ro
 2-15 us, about one DRAM round trip per warp step, so every load of a step is issued before its first mma
 (see FENCE in SOURCE).
 
+Variants of the same source take a decode step's small ops into the launch (Config.glu/norm/resid, used by
+qvlq.int4.fuse_mma and fuse_block): the MLP gate w1 * silu(w2) of two stacked layers, the RMSNorm of the
+input row (prologue) and the residual add (epilogue), each rounded as the model's eager ops round.
+
 Needs: CUDA compute capability 8.0+, libnvrtc (PyTorch's CUDA wheels depend on it) and the driver's
 libcuda. Nothing is compiled until a kernel is launched; on the CPU the custom op runs `emulate`, a
 lane-by-lane model of the kernel that the tests check against the dense reference. The tests also build
