@@ -139,6 +139,7 @@ def main() -> int:
         "context": args.context,
         "steps": args.steps,
         "compile": args.compile,
+        "fuse": args.fuse,
         "precisions": {},
     }
     for prec in precisions:
@@ -150,7 +151,9 @@ def main() -> int:
         r = profile_steps(engine, model.config.vocab_size, prompt, args.warmup, args.steps)
         r["prompt"] = prompt
         r["int4_backends"] = int4_backends(model)
-        r["attention"] = {k: engine.describe()[k] for k in ("attention", "attention_choice")}
+        desc = engine.describe()
+        r["attention"] = {k: desc[k] for k in ("attention", "attention_choice")}
+        r["fusion"] = {k: desc[k] for k in ("fused_mlp", "fused_mlp_gate", "fused_blocks", "fused_block_off")}
         result["precisions"][prec] = r
         del engine
         torch._dynamo.reset()

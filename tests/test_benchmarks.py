@@ -112,7 +112,8 @@ def test_decode_kernels_on_the_tiny_model(tmp_path: Path) -> None:
     proc = run([str(BENCH / "decode_kernels.py"), *args, "--out", "kernels.json"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "kernels.json").read_text())
-    assert set(data["precisions"]) == {"bf16", "int4"}
+    assert set(data["precisions"]) == {"bf16", "int4"} and data["fuse"] == "mlp"
+    assert data["precisions"]["int4"]["fusion"]["fused_blocks"] == 0  # (CPU: no mma layers)
     for rec in data["precisions"].values():
         assert rec["wall_ms_per_step"] > 0 and rec["kernels_per_step"] > 0 and rec["top"]
         assert rec["prompt"] == 160  # context // 2 by default
