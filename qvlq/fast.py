@@ -8,7 +8,9 @@ from Python and a DynamicCache that re-concatenates the whole cache per token. H
   prefill  the model's own forward (image spans, image encoder, NTK, logN, SDPA causal) writing into
            the static cache through a duck-typed `Cache`; lm_head only for the last position. Eager.
   step     `Decoder.forward(tokens [B, 1], pos [1], kv_len)`: embed, 32 blocks (the model's own
-           modules: RMSNorms, c_attn/c_proj/MLP linears, float or QuantLinear), ln_f, lm_head. Only
+           modules: RMSNorms, c_attn/c_proj/MLP linears, float or QuantLinear; a block whose int4 linears
+           all run the mma kernel goes as four launches with its norms, gate and residual adds inside,
+           see fuse_block), ln_f, lm_head. Only
            tensor ops on static shapes: no .item(), no branches on tensor values. Compiled with
            torch.compile(mode="reduce-overhead", fullgraph=True) on CUDA (inductor's CUDA graphs), or
            captured by hand with torch.cuda.CUDAGraph when compile is off.
