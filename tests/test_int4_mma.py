@@ -558,8 +558,9 @@ def test_quantlinear_mma_in_compiled_graph_and_fastest():
 @pytest.mark.gpu
 @gpu
 def test_norm_prologue_and_residual_epilogue_at_full_size():
-    """Every config's norm and resid blocks on the decode step's shapes against the model's ops around the
-    plain kernel: the residual add bit for bit, the norm up to its fp32 sum order and rsqrt."""
+    """The norm and resid blocks of the configs the tuners chose on the H100 and H200 (and a two-tile one) on the
+    decode step's shapes, against the model's ops around the plain kernel: the residual add bit for bit, the
+    norm up to its fp32 sum order and rsqrt. (Every config compiles without spills: the nvcc test.)"""
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = (3 * torch.randn(1, 4096, device="cuda", generator=gen)).bfloat16()
     gamma = (1 + 0.3 * torch.randn(4096, device="cuda", generator=gen)).bfloat16()
@@ -568,7 +569,7 @@ def test_norm_prologue_and_residual_epilogue_at_full_size():
         p, _ = random_packed(n, k, 128, torch.bfloat16, seed=n, device="cuda")
         xi = x if k == 4096 else torch.randn(1, k, device="cuda", generator=gen).bfloat16()
         resid = torch.randn(1, n, device="cuda", generator=gen).bfloat16() if flags.get("resid") else None
-        for cfg in M.CONFIGS:
+        for cfg in (M.Config(4, 1), M.Config(8, 1), M.Config(4, 2), M.Config(4, 1, 1, 3), M.Config(8, 1, 1, 2)):
             v = M.variant(cfg, 128, **flags)
             if v is None:
                 continue
