@@ -356,6 +356,13 @@ def test_fused_blocks_in_bf16_match_the_unfused_step(monkeypatch) -> None:
     traced = FastEngine(model, 320, compile=True, compile_backend="aot_eager")
     assert traced.describe()["fused_blocks"] == 2
     assert_same(greedy(traced, ids, steps=10, image_features=feats), ref, atol=0)
+    two = torch.cat([ids, prompt(model.config, text=(7, 8, 9), tail=(10, 11, 12))])  # two rows: the kernel's grid.y
+    feats2 = feats.expand(2, -1, -1)
+    batch = FastEngine(model, 320, batch_size=2)
+    assert batch.describe()["fused_blocks"] == 2
+    want = greedy(FastEngine(model, 320, batch_size=2, fuse_block=False), two, steps=6, image_features=feats2)
+    assert want[0][0].tolist() != want[0][1].tolist()
+    assert_same(greedy(batch, two, steps=6, image_features=feats2), want, atol=0)
     # what keeps a block unfused: a layer that is not mma, or a layer config without room for the prologue
     model.transformer.h[1].attn.c_proj.prepare("dequant")
     off = FastEngine(model, 320).describe()
