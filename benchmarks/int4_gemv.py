@@ -102,9 +102,8 @@ def time_block_variant(row: dict[str, Any], mp: M.Packed, x: torch.Tensor, args:
     want = M.gemv(M.rms_norm(x, gamma, 1e-6) if v.norm else x, mp, None, cfg)
     want = resid + want if v.resid else M.swiglu(*want.chunk(2, -1)) if v.glu else want
     err = T.rel_error(M.gemv(x, mp, None, v, gamma, 1e-6, resid), want)
-    n_copies = T.copies_for_l2(mp.nbytes(), x.device)
-    ps = [mp] + [M.Packed(mp.qweight.clone(), mp.meta.clone(), GROUP, mp.dtype) for _ in range(n_copies - 1)]
-    call = lambda i: M.gemv(x, ps[i % n_copies], None, v, gamma, 1e-6, resid)  # noqa: E731
+    ps = M.l2_copies(mp)
+    call = lambda i: M.gemv(x, ps[i % len(ps)], None, v, gamma, 1e-6, resid)  # noqa: E731
     row.update(block_variant=v.name, block_variant_rel_error=err)
     row["block_variant_us"] = 1e6 * T.time_graph(call, args.calls, args.repeats) if err < 1e-2 else None
 
@@ -112,8 +111,7 @@ def time_block_variant(row: dict[str, Any], mp: M.Packed, x: torch.Tensor, args:
 def time_glu(row: dict[str, Any], mp: M.Packed, x: torch.Tensor, args: argparse.Namespace) -> None:
     """The fused shape's glu blocks (each checked against torch's gate on its own config's pair) and torch's
     gate alone, compiled as the FastEngine's step compiles it (one kernel), us per call."""
-    n_copies = T.copies_for_l2(mp.nbytes(), x.device)
-    ps = [mp] + [M.Packed(mp.qweight.clone(), mp.meta.clone(), GROUP, mp.dtype) for _ in range(n_copies - 1)]
+    ps = M.l2_copies(mp)
     row["glu_us"], row["glu_dropped"] = {}, {}
     for cfg in M.CONFIGS:
         glu = M.variant(cfg, GROUP, glu=1)
@@ -124,11 +122,11 @@ def time_glu(row: dict[str, Any], mp: M.Packed, x: torch.Tensor, args: argparse.
             if bad:
                 row["glu_dropped"][glu.name] = bad
                 continue
-            call = lambda i, c=glu: M.gemv(x, ps[i % n_copies], None, c)  # noqa: E731
+            call = lambda i, c=glu: M.gemv(x, ps[i % len(ps)], None, c)  # noqa: E731
             row["glu_us"][glu.name] = 1e6 * T.time_graph(call, args.calls, args.repeats)
         except RuntimeError as e:
             torch.cuda.synchronize()
-            row["glu_dropped"][glu.name] = str(e).splitlines()[0][:300]
+            row["glu_dropped"][glu.name] = T.error_line(e)
     half = torch.randn(2, x.shape[0], mp.out_features // 2, device=x.device).to(x.dtype)
     gate = torch.compile(M.swiglu, fullgraph=True)
     gate(half[0], half[1])

@@ -40,7 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .int4_triton import counters, import_triton, interpreting, mismatch, precompile, time_graph, triton_error
+from .int4_triton import (
+    counters,
+    error_line,
+    import_triton,
+    interpreting,
+    mismatch,
+    precompile,
+    time_graph,
+    triton_error,
+)
 from .model.modeling import apply_rope, rope_cos_sin
 
 
@@ -356,7 +365,7 @@ def tune(
             )
         except Exception as e:  # compile errors, out of resources: drop the config
             torch.cuda.synchronize(device)
-            dropped[cfg.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            dropped[cfg.name] = error_line(e, 200)
     if not seconds:
         raise RuntimeError(f"no decode attention config works for B={batch} H={heads} D={head_dim}: {dropped}")
     bias = torch.zeros(1, 1, 1, max_len, dtype=dtype, device=device)

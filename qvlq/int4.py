@@ -564,9 +564,13 @@ class FusedGemv(nn.Module):
         self.group_size, self.act_dtype, self.cfg, self.split = packed.group_size, packed.dtype, cfg, split
         self.glu, self.glu_error = glu, glu_error  # why glu is None
 
+    @property
+    def packed(self) -> int4_mma.Packed:
+        """The stacked weight (its buffers follow the module's device)."""
+        return int4_mma.Packed(self.qweight, self.meta, self.group_size, self.act_dtype)
+
     def _gemv(self, x: Tensor, cfg: int4_mma.Config) -> Tensor:
-        packed = int4_mma.Packed(self.qweight, self.meta, self.group_size, self.act_dtype)
-        y = int4_mma.gemv(x.reshape(-1, x.shape[-1]).to(self.act_dtype), packed, self.bias, cfg).to(x.dtype)
+        y = int4_mma.gemv(x.reshape(-1, x.shape[-1]).to(self.act_dtype), self.packed, self.bias, cfg).to(x.dtype)
         return y.reshape(*x.shape[:-1], -1)
 
     def pair(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -593,7 +597,7 @@ class FusedGemv(nn.Module):
         try:
             bad = int4_triton.mismatch(self(x), int4_mma.swiglu(*self.pair(x)).float())
         except RuntimeError as e:
-            bad = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            bad = int4_triton.error_line(e)
         if bad is not None:
             self.glu, self.glu_error = None, f"glu kernel off: {bad}"
         return self.glu_error
@@ -648,8 +652,7 @@ class FusedBlock(nn.Module):
     def _run(self, name: str, lin: nn.Module | None, x: Tensor, gamma: Tensor | None, eps: float,
              resid: Tensor | None) -> Tensor:  # fmt: skip
         if lin is None:  # the MLP's stacked w1 + w2
-            m = self.mlp
-            packed, bias = int4_mma.Packed(m.qweight, m.meta, m.group_size, m.act_dtype), m.bias
+            packed, bias = self.mlp.packed, self.mlp.bias
         else:
             packed, bias = lin._cache["mpack"], lin._cache.get("bias_f32")
         r = None if resid is None else resid.reshape(-1, resid.shape[-1])

@@ -57,6 +57,7 @@ import torch
 from torch import Tensor
 
 from qvlq import int4_triton
+from qvlq.model.modeling import rms_norm  # what the norm prologue computes
 
 CHUNK = 64  # inputs per 16-byte lane load (4 mma tiles of 16)
 # dtype -> (magic halves, magic value, mma type, 1.0 halves); magic | q reads as magic value + q
@@ -77,7 +78,7 @@ class Config(NamedTuple):
     first `warps` compute `tiles` tiles of a as a glu=0 block would, the others the same tiles of b, and the
     block writes a * silu(b) (Qwen's MLP gate), N/2 outputs. Each warp does a glu=0 warp's work, so a and b
     are bit for bit those of the layers' own calls, then rounded and combined as torch's eager ops do.
-    norm (= K): x is the residual stream, normalized in the kernel by the model's RMSNorm (`rms_norm`) before
+    norm (= K): x is the residual stream, normalized in the kernel by the model's RMSNorm (modeling.rms_norm) before
     the product; resid: y = resid + the product, rounded as torch's add (the residual add after c_proj)."""
 
     warps: int
@@ -989,13 +990,6 @@ def _(qweight, meta, group_size, act_bf16, out_f32):
     return qweight.new_empty(qweight.shape[0] * 16, qweight.shape[1] * CHUNK, dtype=dtype)
 
 
-def rms_norm(x: Tensor, gamma: Tensor, eps: float) -> Tensor:
-    """The model's RMSNorm (qvlq.model.modeling.RMSNorm) as the norm prologue computes it: fp32 statistics,
-    x * rsqrt(mean(x^2) + eps) rounded to x's dtype, times gamma (in x's dtype)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * gamma
-
-
 def swiglu(a: Tensor, b: Tensor) -> Tensor:
     """Qwen's MLP gate, a * silu(b), in torch's eager ops: what the kernel's glu epilogue computes."""
     return a * torch.nn.functional.silu(b)
@@ -1023,6 +1017,13 @@ class TuneResult(NamedTuple):
 TUNED: dict[tuple, TuneResult] = {}  # (N, K, group, dtype) -> result
 
 
+def l2_copies(p: Packed) -> list[Packed]:
+    """p and enough copies of it that they do not fit in L2: a timing rotates through them, as a decode step
+    meets 160 different layers."""
+    n = int4_triton.copies_for_l2(p.nbytes(), p.qweight.device)
+    return [p] + [Packed(p.qweight.clone(), p.meta.clone(), p.group_size, p.dtype) for _ in range(n - 1)]
+
+
 @torch.no_grad()
 def tune(p: Packed, bias: Tensor | None = None, calls: int = 200, repeats: int = 5, seed: int = 0) -> TuneResult:
     """Check each configuration against the reference at one row, time the ones that match (CUDA graph of
@@ -1033,8 +1034,8 @@ def tune(p: Packed, bias: Tensor | None = None, calls: int = 200, repeats: int =
     gen = torch.Generator(device=dev).manual_seed(seed)
     x = torch.randn(1, p.in_features, device=dev, generator=gen).to(p.dtype)
     ref = reference(x.float(), p, bias)
-    n_copies = int4_triton.copies_for_l2(p.nbytes(), dev)
-    ps = [p] + [Packed(p.qweight.clone(), p.meta.clone(), p.group_size, p.dtype) for _ in range(n_copies - 1)]
+    ps = l2_copies(p)
+    n_copies = len(ps)
     seconds: dict[str, float] = {}
     dropped: dict[str, str] = {}
     for cfg in CONFIGS:
@@ -1050,7 +1051,7 @@ def tune(p: Packed, bias: Tensor | None = None, calls: int = 200, repeats: int =
             seconds[cfg.name] = int4_triton.time_graph(call, calls, repeats)
         except Exception as e:  # compile or launch errors: drop the configuration
             torch.cuda.synchronize(dev)
-            dropped[cfg.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            dropped[cfg.name] = int4_triton.error_line(e)
     if not seconds:
         raise RuntimeError(f"no int4_mma configuration works for N={p.out_features} K={p.in_features}: {dropped}")
     by_name = {c.name: c for c in CONFIGS}

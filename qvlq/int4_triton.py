@@ -444,6 +444,11 @@ def time_graph(call: Callable[[int], object], calls: int = 200, repeats: int = 5
     return statistics.median(times)
 
 
+def error_line(e: BaseException, limit: int = 300) -> str:
+    """A tuner's record of why a config or kernel was dropped: the exception's type and first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:limit] if str(e) else ''}"
+
+
 def copies_for_l2(nbytes: int, device: torch.device | str) -> int:
     """How many copies of an nbytes weight to rotate through so that they do not fit in L2 twice over."""
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
@@ -541,7 +546,7 @@ def tune(
                 del seconds[cfg.name]
         except Exception as e:  # compile errors, out of resources: drop the config
             torch.cuda.synchronize(dev)
-            dropped[cfg.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            dropped[cfg.name] = error_line(e, 200)
     if not seconds:
         raise RuntimeError(f"no Triton int4 config works for N={p.out_features} K={p.in_features}: {dropped}")
     by_name = {c.name: c for c in configs}
