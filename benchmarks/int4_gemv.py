@@ -89,44 +89,36 @@ BLOCK_VARIANTS = {"attn.c_attn": dict(norm=4096), "attn.c_proj": dict(resid=1), 
                   FUSED[0]: dict(glu=1, norm=4096)}  # fmt: skip
 
 
-def time_block_variant(row: dict[str, Any], mp: M.Packed, x: torch.Tensor, args: argparse.Namespace) -> None:
-    """The fused-block launch of this shape with the tuned config, checked against the model's ops around the
-    plain kernel, us per call (`block_variant`, `block_variant_us`)."""
-    cfg = next(c for c in M.CONFIGS if c.name == row["mma_best"])
-    v = M.variant(cfg, GROUP, **BLOCK_VARIANTS[row["name"]])
-    if v is None:
-        row["block_variant"] = f"{cfg.name}: no room"
+def ranked(row: dict[str, Any]) -> list[M.Config]:
+    """The mma configs this row timed, fastest first, as many as the engine's variant tuner tries
+    (`int4_mma.ranked_configs`)."""
+    by_name = {c.name: c for c in M.CONFIGS}
+    timed = {k.removeprefix("mma "): v for k, v in row.get("configs_us", {}).items() if k.startswith("mma ")}
+    return [by_name[n] for n in sorted(timed, key=timed.__getitem__)][: M.VARIANT_CANDIDATES]
+
+
+def tune_variants(row: dict[str, Any], key: str, mp: M.Packed, flags: dict[str, int], args: argparse.Namespace) -> None:
+    """The shape's fused launches with `flags`, as the engine tunes them (`int4_mma.tune_variant` over the
+    fastest plain configs): us per call of each block that agrees with its plain config (`{key}_us`), the
+    dropped ones and why (`{key}_dropped`), the fastest (`{key}_best`)."""
+    try:
+        res = M.tune_variant(mp, None, flags, ranked(row), args.calls, args.repeats)
+    except RuntimeError as e:
+        row[f"{key}_dropped"] = {"all": T.error_line(e)}
         return
-    gamma = torch.ones(x.shape[1], device=x.device, dtype=x.dtype) if v.norm else None
-    resid = torch.randn(x.shape[0], mp.out_features, device=x.device).to(x.dtype) if v.resid else None
-    want = M.gemv(M.rms_norm(x, gamma, 1e-6) if v.norm else x, mp, None, cfg)
-    want = resid + want if v.resid else M.swiglu(*want.chunk(2, -1)) if v.glu else want
-    err = T.rel_error(M.gemv(x, mp, None, v, gamma, 1e-6, resid), want)
-    ps = M.l2_copies(mp)
-    call = lambda i: M.gemv(x, ps[i % len(ps)], None, v, gamma, 1e-6, resid)  # noqa: E731
-    row.update(block_variant=v.name, block_variant_rel_error=err)
-    row["block_variant_us"] = 1e6 * T.time_graph(call, args.calls, args.repeats) if err < 1e-2 else None
+    row[f"{key}_us"] = {n: 1e6 * sec for n, sec in res.seconds.items()}
+    row[f"{key}_dropped"], row[f"{key}_best"] = res.dropped, res.best.name
+
+
+def time_block_variant(row: dict[str, Any], mp: M.Packed, args: argparse.Namespace) -> None:
+    """The fused-block launches of this shape (`block_variant_us`, ..., see tune_variants)."""
+    tune_variants(row, "block_variant", mp, BLOCK_VARIANTS[row["name"]], args)
 
 
 def time_glu(row: dict[str, Any], mp: M.Packed, x: torch.Tensor, args: argparse.Namespace) -> None:
-    """The fused shape's glu blocks (each checked against torch's gate on its own config's pair) and torch's
-    gate alone, compiled as the FastEngine's step compiles it (one kernel), us per call."""
-    ps = M.l2_copies(mp)
-    row["glu_us"], row["glu_dropped"] = {}, {}
-    for cfg in M.CONFIGS:
-        glu = M.variant(cfg, GROUP, glu=1)
-        if glu is None:
-            continue
-        try:
-            bad = T.mismatch(M.gemv(x, mp, None, glu), M.swiglu(*M.gemv(x, mp, None, cfg).chunk(2, -1)).float())
-            if bad:
-                row["glu_dropped"][glu.name] = bad
-                continue
-            call = lambda i, c=glu: M.gemv(x, ps[i % len(ps)], None, c)  # noqa: E731
-            row["glu_us"][glu.name] = 1e6 * T.time_graph(call, args.calls, args.repeats)
-        except RuntimeError as e:
-            torch.cuda.synchronize()
-            row["glu_dropped"][glu.name] = T.error_line(e)
+    """The fused shape's glu blocks (`glu_us`, ..., see tune_variants) and torch's gate alone, compiled as the
+    FastEngine's step compiles it (one kernel), us per call."""
+    tune_variants(row, "glu", mp, {"glu": 1}, args)
     half = torch.randn(2, x.shape[0], mp.out_features // 2, device=x.device).to(x.dtype)
     gate = torch.compile(M.swiglu, fullgraph=True)
     gate(half[0], half[1])
@@ -167,7 +159,7 @@ def bench_shape(name: str, k: int, n: int, args: argparse.Namespace, copy_bw: fl
             if name == FUSED[0]:
                 time_glu(row, mp, x, args)
             if name in BLOCK_VARIANTS and "mma_best" in row:
-                time_block_variant(row, mp, x, args)
+                time_block_variant(row, mp, args)
         for kind in KINDS:
             if f"{kind}_us" in row:
                 gbps = row[f"{kind}_bytes"] / (row[f"{kind}_us"] * 1e-6) / 1e9
@@ -303,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         ))  # fmt: skip
         for r in rows:
             if r.get("block_variant_us"):
-                console.print(f"{r['name']}: fused-block launch {r['block_variant']} {r['block_variant_us']:.2f} us "
-                              f"vs {r['mma_us']:.2f} us plain")  # fmt: skip
+                best = r["block_variant_best"]
+                console.print(f"{r['name']}: fused-block launch {best} {r['block_variant_us'][best]:.2f} us vs "
+                              f"{r['mma_us']:.2f} us plain ({len(r['block_variant_us'])} blocks timed)")  # fmt: skip
         if "glu_us" in fusion.get("mma", {}):
             f = fusion["mma"]
             console.print(

@@ -603,6 +603,21 @@ class FusedGemv(nn.Module):
         return self.glu_error
 
 
+def fused_config(
+    first: int4_mma.Config, p: int4_mma.Packed, bias: Tensor | None, flags: dict[str, int], ranked_by: int4_mma.Packed
+) -> int4_mma.Config | str:  # fmt: skip
+    """The config of a fused launch on p with `flags` (glu / norm / resid), where first is the layer's plain
+    config: on CUDA the fastest variant of first and the next fastest plain configs of ranked_by's shape that
+    checks out (`int4_mma.tuned_variant`); elsewhere first's variant. A str says why there is none."""
+    if p.qweight.device.type == "cuda":
+        try:
+            return int4_mma.tuned_variant(p, bias, flags, first, ranked_by).best
+        except RuntimeError as e:
+            return f"no {int4_mma.flags_name(flags)} launch: {int4_triton.error_line(e)}"
+    v = int4_mma.variant(first, p.group_size, **flags)
+    return v or f"config {first.name}: its {int4_mma.flags_name(flags)} block exceeds the threads or shared memory"
+
+
 def fuse_mma(a: nn.Module, b: nn.Module) -> FusedGemv | None:
     """`FusedGemv` for a(x) * silu(b(x)) when both layers run the mma kernel with one config and shape, group
     size and activation dtype, without act-order gathers; else None (the caller keeps the two calls).
@@ -624,10 +639,10 @@ def fuse_mma(a: nn.Module, b: nn.Module) -> FusedGemv | None:
     if "bias_f32" in ca or "bias_f32" in cb:
         bias = torch.cat([ca.get("bias_f32", a.bias.new_zeros(a.out_features, dtype=torch.float32)),
                           cb.get("bias_f32", b.bias.new_zeros(b.out_features, dtype=torch.float32))])  # fmt: skip
-    glu = int4_mma.variant(ca["mcfg"], pa.group_size, glu=1)
-    why = None if glu else f"config {ca['mcfg'].name}: its glu block exceeds the threads or shared memory of a block"
     packed = int4_mma.Packed(qweight, meta, pa.group_size, pa.dtype)
-    fused = FusedGemv(packed, bias, ca["mcfg"], a.out_features, glu, why)
+    glu = fused_config(ca["mcfg"], packed, bias, {"glu": 1}, pa)
+    why = glu if isinstance(glu, str) else None
+    fused = FusedGemv(packed, bias, ca["mcfg"], a.out_features, None if why else glu, why)
     fused.check_glu()
     ca["fused"] = cb["fused"] = fused
     return fused
@@ -710,18 +725,17 @@ def fuse_block(block: nn.Module, mlp: FusedGemv | None, dtype: torch.dtype) -> F
     if mlp.act_dtype != dtype or any(ln.weight.dtype != dtype for ln in (block.ln_1, block.ln_2)):
         return f"the MLP or the norms are not in {dtype}"
     hidden = block.ln_1.weight.numel()
-    wanted = {
-        "attn_in": (lins["attn_in"]._cache["mcfg"], dict(norm=hidden)),
-        "attn_out": (lins["attn_out"]._cache["mcfg"], dict(resid=1)),
-        "mlp_in": (mlp.cfg, dict(glu=1, norm=hidden)),
-        "mlp_out": (lins["mlp_out"]._cache["mcfg"], dict(resid=1)),
-    }
+    w1 = block.mlp.w1._cache["mpack"]  # the stacked weight's plain config is w1's (fuse_mma)
+    wanted = {name: (lin._cache["mcfg"], lin._cache["mpack"], lin._cache.get("bias_f32"), lin._cache["mpack"])
+              for name, lin in lins.items()}  # fmt: skip
+    wanted["mlp_in"] = (mlp.cfg, mlp.packed, mlp.bias, w1)
+    flags = {"attn_in": {"norm": hidden}, "attn_out": {"resid": 1}, "mlp_in": {"glu": 1, "norm": hidden},
+             "mlp_out": {"resid": 1}}  # fmt: skip
     cfgs = {}
-    for name, (cfg, flags) in wanted.items():
-        gs = mlp.group_size if name == "mlp_in" else lins[name]._cache["mpack"].group_size
-        v = int4_mma.variant(cfg, gs, **flags)
-        if v is None:
-            return f"{name}: config {cfg.name} has no block with {', '.join(flags)}"
+    for name, (first, packed, bias, ranked_by) in wanted.items():
+        v = fused_config(first, packed, bias, flags[name], ranked_by)
+        if isinstance(v, str):
+            return f"{name}: {v}"
         cfgs[name] = v
     fb = FusedBlock(block, mlp, cfgs)
     if block.ln_1.weight.device.type == "cuda" and fb.check() is not None:

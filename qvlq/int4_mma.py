@@ -50,7 +50,7 @@ import glob
 import os
 import site
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -67,6 +67,14 @@ FORMATS = {
 }
 STEP = 256  # inputs per loop step of a warp (4 chunks)
 MAX_GRID_Y = 65535  # rows of x per launch
+
+
+FLAG_NAMES = (("norm", "norm"), ("glu", "glu"), ("resid", "res"))  # Config's fused parts, as config names show them
+
+
+def flags_name(flags: dict[str, int]) -> str:
+    """Config's glu / norm / resid flags as config names show them: "norm-glu", "res"."""
+    return "-".join(name for f, name in FLAG_NAMES if flags.get(f))
 
 
 class Config(NamedTuple):
@@ -92,8 +100,8 @@ class Config(NamedTuple):
     @property
     def name(self) -> str:
         tail = f"s{self.stages}" if self.stages else "" if self.fence else "-nofence"
-        flags = "".join(f"-{f}" for f, on in (("norm", self.norm), ("glu", self.glu), ("res", self.resid)) if on)
-        return f"w{self.warps}t{self.tiles}{tail}{flags}"
+        flags = flags_name({f: getattr(self, f) for f, _ in FLAG_NAMES})
+        return f"w{self.warps}t{self.tiles}{tail}{'-' if flags else ''}{flags}"
 
     def shared_bytes(self, group_size: int) -> int:
         """Static shared memory of the ring and of the normalized x (a static allocation may take 48 KB)."""
@@ -120,6 +128,8 @@ def variant(cfg: Config, group_size: int, glu: int = 0, norm: int = 0, resid: in
     not fit: over MAX_THREADS, or over the static shared memory (a ring, the normalized x)."""
     v = cfg._replace(glu=glu, norm=norm, resid=resid)
     return v if v.threads <= MAX_THREADS and v.shared_bytes(group_size) <= SHARED_LIMIT else None
+
+
 ENV_NVRTC = "QVLQ_NVRTC"  # path of libnvrtc.so, when it is not found on its own
 
 SOURCE = r"""
@@ -969,9 +979,8 @@ def _int4_mma_op(
     # CPU: the model's ops around the lane-by-lane model of the kernel
     n_out = qweight.shape[0] * (8 if glu else 16)
     _check_fused(x, n_out, cfg, gamma, resid)
-    y = emulate(rms_norm(x, gamma, eps) if norm else x, Packed(qweight, meta, group_size, x.dtype), bias)
-    y = swiglu(*y.chunk(2, dim=-1)) if glu else y
-    return resid + y if resid_flag else y
+    packed = Packed(qweight, meta, group_size, x.dtype)
+    return unfused(x, cfg, gamma, eps, resid, lambda xn: emulate(xn, packed, bias))
 
 
 @_int4_mma_op.register_fake
@@ -993,6 +1002,16 @@ def _(qweight, meta, group_size, act_bf16, out_f32):
 def swiglu(a: Tensor, b: Tensor) -> Tensor:
     """Qwen's MLP gate, a * silu(b), in torch's eager ops: what the kernel's glu epilogue computes."""
     return a * torch.nn.functional.silu(b)
+
+
+def unfused(
+    x: Tensor, cfg: Config, gamma: Tensor | None, eps: float, resid: Tensor | None, product: Callable[[Tensor], Tensor]
+) -> Tensor:  # fmt: skip
+    """What a variant computes, as the model's ops around a plain product (x -> x @ W + bias): RMSNorm first
+    (cfg.norm), the gate of the two stacked halves (cfg.glu), the residual add (cfg.resid)."""
+    y = product(rms_norm(x, gamma, eps) if cfg.norm else x)
+    y = swiglu(*y.chunk(2, dim=-1)) if cfg.glu else y
+    return resid + y if cfg.resid else y
 
 
 def gemv(
@@ -1069,3 +1088,91 @@ def tuned(p: Packed) -> TuneResult:
 def best_config(p: Packed) -> Config:
     """The tuned configuration for this layer's shape; DEFAULT_CONFIG off CUDA."""
     return tuned(p).best if p.qweight.device.type == "cuda" else DEFAULT_CONFIG
+
+
+# A variant's block differs from its plain config's (prologue, twice the warps, shared memory), so the plain
+# tuner's winner need not be the variant's: tuned_variant times the variants of the layer's own config and
+# of the next fastest plain configs of its shape (NVRTC ~0.2 s a compile: ~1 s a variant and shape).
+VARIANT_CANDIDATES = 5
+FUSED_TOL = 1e-2  # relative error of a fused launch against the model's ops: RMSNorm's fp32 sum order; a bug is O(1)
+VARIANT_TUNED: dict[tuple, TuneResult] = {}  # (N, K, group, dtype, flags) -> result, filled by tuned_variant()
+
+
+@torch.no_grad()
+def tune_variant(
+    p: Packed, bias: Tensor | None, flags: dict[str, int], candidates: Sequence[Config], calls: int = 200,
+    repeats: int = 5, seed: int = 0, timer: Callable[..., float] | None = None,
+) -> TuneResult:  # fmt: skip
+    """The fastest of the candidates' variants with `flags` (variant()'s glu / norm / resid) for the weight p
+    (glu: the two layers stacked): each checked at one row against its plain config with the model's ops
+    around it (`unfused`; relative error under FUSED_TOL), then timed as tune() times (timer: time_graph,
+    CUDA). Candidates whose variant does not fit a block are dropped with the reason."""
+    dev = p.qweight.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    k, glu = p.in_features, bool(flags.get("glu"))
+    n_out = p.out_features // 2 if glu else p.out_features
+    x = torch.randn(1, k, device=dev, generator=gen).to(p.dtype)
+    gamma = (1 + 0.1 * torch.randn(k, device=dev, generator=gen)).to(p.dtype) if flags.get("norm") else None
+    resid = torch.randn(1, n_out, device=dev, generator=gen).to(p.dtype) if flags.get("resid") else None
+    eps = 1e-6
+    timer = timer or int4_triton.time_graph
+    ps = l2_copies(p) if dev.type == "cuda" else [p]
+    seconds: dict[str, float] = {}
+    dropped: dict[str, str] = {}
+    by_name: dict[str, Config] = {}
+    for base in candidates:
+        base = base._replace(glu=0, norm=0, resid=0)
+        v = variant(base, p.group_size, **flags)
+        if v is None:
+            dropped[f"{base.name}-{flags_name(flags)}"] = "over the threads or shared memory of a block"
+            continue
+        if v.name in by_name or v.name in dropped:
+            continue
+        if n_out % (16 * v.tiles):
+            dropped[v.name] = f"{n_out} outputs do not split into blocks of {16 * v.tiles}"
+            continue
+        try:
+            want = unfused(x, v, gamma, eps, resid, lambda xn, c=base: gemv(xn, p, bias, c))
+            err = int4_triton.rel_error(gemv(x, p, bias, v, gamma, eps, resid), want)
+            if not err < FUSED_TOL:
+                dropped[v.name] = f"mismatch: relative error {err:.2e} against the unfused ops"
+                continue
+            call = lambda i, c=v: gemv(x, ps[i % len(ps)], bias, c, gamma, eps, resid)  # noqa: E731
+            seconds[v.name] = timer(call, calls, repeats)
+            by_name[v.name] = v
+        except Exception as e:  # compile or launch errors: drop the candidate
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            dropped[v.name] = int4_triton.error_line(e)
+    if not seconds:
+        raise RuntimeError(f"no {flags_name(flags)} variant works for N={p.out_features} K={k}: {dropped}")
+    return TuneResult(by_name[min(seconds, key=seconds.__getitem__)], seconds, dropped)
+
+
+def ranked_configs(first: Config, shape: Packed, k: int = VARIANT_CANDIDATES) -> list[Config]:
+    """first, then the other configs that tune() timed on shape's (N, K, group, dtype), fastest first: k in all."""
+    res = TUNED.get((shape.out_features, shape.in_features, shape.group_size, shape.dtype))
+    by_name = {c.name: c for c in CONFIGS}
+    ranked = sorted(res.seconds, key=res.seconds.__getitem__) if res else []
+    return [first, *(by_name[n] for n in ranked if by_name[n] != first)][:k]
+
+
+def tuned_variant(
+    p: Packed, bias: Tensor | None, flags: dict[str, int], first: Config, ranked_by: Packed
+) -> TuneResult:  # fmt: skip
+    """tune_variant over ranked_configs(first, ranked_by) (ranked_by: the layer, or one of the two stacked
+    layers), once per (N, K, group, dtype, flags): cached in VARIANT_TUNED."""
+    key = (p.out_features, p.in_features, p.group_size, p.dtype, flags_name(flags))
+    if key not in VARIANT_TUNED:
+        VARIANT_TUNED[key] = tune_variant(p, bias, flags, ranked_configs(first, ranked_by))
+    return VARIANT_TUNED[key]
+
+
+def variant_selection() -> list[dict[str, Any]]:
+    """What tuned_variant measured, one entry per (shape, flags) (for reports)."""
+    return [
+        {"out_features": k[0], "in_features": k[1], "group_size": k[2], "dtype": str(k[3]).removeprefix("torch."),
+         "variant": k[4], "choice": r.best.name, "us": r.seconds[r.best.name] * 1e6,
+         "configs_us": {n: s * 1e6 for n, s in r.seconds.items()}, "dropped": dict(r.dropped)}
+        for k, r in VARIANT_TUNED.items()
+    ]  # fmt: skip

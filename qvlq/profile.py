@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .int4 import int4_backends
+from .int4_mma import variant_selection
 from .measure import (
     LatencyStats,
     MemoryReading,
@@ -311,6 +312,7 @@ class ModelInfo:
     int4_backends: dict[str, int]
     build_seconds: float
     int4_selection: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4.kernel_selection()
+    int4_fused: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4_mma.variant_selection()
 
 
 @dataclass
@@ -999,6 +1001,8 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
         )
         prof.profile_model(model, info, acc, tokenizer, pixels, image_tokens, deadline)
         info.resident_bytes = weight_accounting(model).resident_bytes  # lazily built kernel caches included
+        if info.int4_selection:  # the fused launches' configs, tuned when the fast engines were built
+            info.int4_fused = variant_selection()
         free_memory(device)
     del model
     free_memory(device)

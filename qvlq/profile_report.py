@@ -160,6 +160,8 @@ def report_tables(report: ProfileReport) -> list[TableSpec]:
          if any(m.int4_backends for m in report.models) else "-"],
         *([["int4 kernel choice", "; ".join(_selection_text(c) for m in report.models for c in m.int4_selection)]]
           if any(m.int4_selection for m in report.models) else []),
+        *([["int4 fused launches", "; ".join(_fused_text(c) for m in report.models for c in m.int4_fused)]]
+          if any(m.int4_fused for m in report.models) else []),
         ["fast engine compile", s.get("fast_compile", "auto") + (f", kv_block {s['kv_block']}" if s.get("kv_block")
                                                                  else "")],
         ["fast engine attention", f"requested {s.get('attention', 'sdpa')}; " + (_attention_text(report) or "-")],
@@ -190,6 +192,12 @@ def _selection_text(c: dict[str, Any]) -> str:
         elif f"{kernel}_error" in c:
             parts.append(f"{kernel} failed ({c[f'{kernel}_error'][:80]})")
     return f"{c['in_features']}->{c['out_features']}: {', '.join(parts)} -> {c['choice']}"
+
+
+def _fused_text(c: dict[str, Any]) -> str:
+    """One tuned fused launch (qvlq.int4_mma.variant_selection): shape, blocks timed, the winner."""
+    timed = ", ".join(f"{n} {us:.1f}" for n, us in sorted(c["configs_us"].items(), key=lambda kv: kv[1]))
+    return f"{c['in_features']}->{c['out_features']} {c['variant']}: {timed} us -> {c['choice']}"
 
 
 def render_markdown(report: ProfileReport, tables: list[TableSpec], figures: Sequence[str] = ()) -> str:

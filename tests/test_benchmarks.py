@@ -75,10 +75,13 @@ def test_int4_gemv_block_variants_on_cpu(monkeypatch) -> None:
     for name, n in (("a", 32), ("b", 48), ("c", 64)):
         codes, zeros, scales = b.random_layer(256, n, "cpu", seed=n)
         mp = b.M.pack(codes, zeros, scales, b.GROUP, torch.bfloat16)
-        row = {"name": name, "mma_best": "w4t1"}
-        b.time_block_variant(row, mp, torch.randn(1, 256).bfloat16(), args)
-        assert row["block_variant"].startswith("w4t1-") and row["block_variant_rel_error"] == 0.0, row
-        assert row["block_variant_us"] == pytest.approx(10.0)
+        row = {"name": name, "mma_best": "w4t1", "configs_us": {"mma w8t1": 2.0, "mma w4t1": 1.0, "triton x": 0.5}}
+        b.time_block_variant(row, mp, args)
+        assert row["block_variant_best"] == "w4t1-" + b.M.flags_name(b.BLOCK_VARIANTS[name]), row
+        assert list(row["block_variant_us"]) == ["w4t1-" + b.M.flags_name(b.BLOCK_VARIANTS[name]),
+                                                 "w8t1-" + b.M.flags_name(b.BLOCK_VARIANTS[name])]  # fmt: skip
+        assert row["block_variant_us"]["w4t1-" + b.M.flags_name(b.BLOCK_VARIANTS[name])] == pytest.approx(10.0)
+        assert not row["block_variant_dropped"]
 
 
 DECODE_ATTENTION = """

@@ -370,7 +370,7 @@ def test_fused_blocks_in_bf16_match_the_unfused_step(monkeypatch) -> None:
     block = model.transformer.h[0]
     block.attn.c_attn._cache["mcfg"] = Config(32, 1)  # 1024 threads: over int4_mma.MAX_THREADS
     why = int4.fuse_block(block, engine.decoder.fused_mlp["0"], torch.bfloat16)
-    assert why == "attn_in: config w32t1 has no block with norm"
+    assert why == "attn_in: config w32t1: its norm block exceeds the threads or shared memory"
 
 
 # ---------------------------------------------------------------- CUDA (run on the lent GPU)

@@ -210,6 +210,49 @@ def test_fuse_mma_only_where_one_launch_computes_the_same(monkeypatch):
     assert b._cache.get("fused") is None and torch.equal(b(x), want[1])
 
 
+def test_variant_tuner_checks_drops_and_picks_the_fastest(monkeypatch):
+    """tune_variant: each candidate's fused block is checked against its plain config with the model's ops
+    around it; blocks that do not fit and launches that disagree are dropped with the reason; the fastest of
+    the rest wins. The timer is injected here (CUDA graphs need a GPU); the check runs the CPU op."""
+    p, _ = random_packed(64, 256, 128, torch.bfloat16, seed=2)
+    bias = torch.randn(64)
+    times = iter([3e-6, 1e-6, 2e-6])
+    ran = []
+
+    def timer(call, calls, repeats):
+        ran.append(call(0))  # the timed call runs (the CPU op here)
+        return next(times)
+
+    cands = [M.Config(4, 1), M.Config(16, 1), M.Config(8, 1), M.Config(4, 2), M.Config(4, 1)]
+    res = M.tune_variant(p, bias, {"glu": 1, "norm": 256}, cands, timer=timer)
+    assert list(res.seconds) == ["w4t1-norm-glu", "w8t1-norm-glu", "w4t2-norm-glu"]  # w4t1 timed once
+    assert res.best == M.Config(8, 1, glu=1, norm=256) and len(ran) == 3 and ran[0].shape == (1, 32)
+    assert "threads" in res.dropped["w16t1-norm-glu"]
+
+    plain_gemv = M.gemv
+
+    def buggy(x, p, bias=None, cfg=M.DEFAULT_CONFIG, gamma=None, eps=0.0, resid=None):
+        y = plain_gemv(x, p, bias, cfg, gamma, eps, resid)
+        return y + 1 if cfg.resid and cfg.warps == 8 else y  # a wrong epilogue in one block shape
+
+    monkeypatch.setattr(M, "gemv", buggy)
+    res = M.tune_variant(p, bias, {"resid": 1}, [M.Config(8, 1), M.Config(4, 1)], timer=lambda c, n, r: 1e-6)
+    assert res.best == M.Config(4, 1, resid=1) and "mismatch" in res.dropped["w8t1-res"]
+    with pytest.raises(RuntimeError, match="no res variant works"):
+        M.tune_variant(p, bias, {"resid": 1}, [M.Config(8, 1)], timer=lambda c, n, r: 1e-6)
+
+
+def test_variant_candidates_follow_the_plain_tuning(monkeypatch):
+    """The variant tuner starts from the layer's own config, then the plain tuner's next fastest on the shape."""
+    p, _ = random_packed(64, 256, 128, torch.bfloat16)
+    assert M.ranked_configs(M.Config(4, 1), p) == [M.Config(4, 1)]  # nothing timed on this shape
+    timed = {"w8t1": 3.0, "w4t1": 1.0, "w4t1s3": 2.0, "w16t1": 4.0, "w4t2": 5.0, "w2t1s4": 6.0}
+    key = (p.out_features, p.in_features, p.group_size, p.dtype)
+    monkeypatch.setitem(M.TUNED, key, M.TuneResult(M.Config(4, 1), timed, {}))
+    names = [c.name for c in M.ranked_configs(M.Config(8, 1), p, k=4)]
+    assert names == ["w8t1", "w4t1", "w4t1s3", "w16t1"]
+
+
 # ------------------------------------------------------------------------------------------ compilers
 def _nvcc(tmp_path, arch: str, dtype: torch.dtype, gs: int, cfg: M.Config) -> str:
     src = tmp_path / "k.cu"
@@ -584,6 +627,21 @@ def test_norm_prologue_and_residual_epilogue_at_full_size():
 
 @pytest.mark.gpu
 @gpu
+def test_variant_tuner_at_full_size():
+    """tuned_variant on the decode step's fused launches: every candidate that fits a block compiles, agrees
+    with its plain config and is timed; the winner is one of them and is recorded for the reports."""
+    for n, k, flags in ((12288, 4096, dict(norm=4096)), (22016, 4096, dict(norm=4096, glu=1)),
+                        (4096, 11008, dict(resid=1))):  # fmt: skip
+        p, _ = random_packed(n, k, 128, torch.bfloat16, seed=n, device="cuda")
+        res = M.tuned_variant(p, None, flags, M.Config(4, 1), p)
+        assert res.best.name in res.seconds and all("threads" in why for why in res.dropped.values()), res.dropped
+        assert (res.best.glu, res.best.norm, res.best.resid) == (flags.get("glu", 0), flags.get("norm", 0),
+                                                                 flags.get("resid", 0))  # fmt: skip
+    assert {r["variant"] for r in M.variant_selection()} >= {"norm", "norm-glu", "res"}
+
+
+@pytest.mark.gpu
+@gpu
 def test_fused_w1_w2_on_cuda_is_bit_identical():
     """The decode step's mlp.w1 + mlp.w2 as one GEMV at full size, eager and inside a compiled graph: the two
     outputs bit for bit, the gate from the glu kernel as torch's ops on them, up to expf."""
@@ -597,7 +655,8 @@ def test_fused_w1_w2_on_cuda_is_bit_identical():
     gate = want[0] * torch.nn.functional.silu(want[1])
     fused = int4.fuse_mma(w1, w2)
     assert fused is not None and all(torch.equal(f, w) for f, w in zip(fused.pair(x), want, strict=True))
-    assert fused.glu == M.Config(4, 1, glu=1), fused.glu_error  # and it passed the check at build
+    assert fused.glu is not None and fused.glu.glu, fused.glu_error  # the variant tuner's, checked at build
+    assert [r for r in M.variant_selection() if r["variant"] == "glu" and r["out_features"] == 22016]
     assert mismatch(fused(x), gate.float()) is None and (fused(x) != gate).float().mean() < 0.01
     step = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):

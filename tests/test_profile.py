@@ -262,6 +262,14 @@ def test_attention_row_names_cells_with_the_same_attention_together():
     )
 
 
+def test_fused_launch_row_lists_the_timed_blocks_fastest_first():
+    from qvlq.profile_report import _fused_text
+
+    rec = {"in_features": 4096, "out_features": 22016, "variant": "norm-glu", "choice": "w2t1s4-norm-glu",
+           "configs_us": {"w4t1-norm-glu": 16.04, "w2t1s4-norm-glu": 15.51}}  # fmt: skip
+    assert _fused_text(rec) == "4096->22016 norm-glu: w2t1s4-norm-glu 15.5, w4t1-norm-glu 16.0 us -> w2t1s4-norm-glu"
+
+
 def test_budget_skips_cells_instead_of_overrunning():
     s = ProfileSettings(**TINY, contexts=[292], engines=["hf"], precisions=["bf16"], max_seconds=0.001)
     report = run_profile(s)
