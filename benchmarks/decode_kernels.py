@@ -25,7 +25,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qvlq.fast import FUSE_LEVELS, FastEngine  # noqa: E402
-from qvlq.int4 import int4_backends  # noqa: E402
+from qvlq.int4 import int4_backends, kernel_selection  # noqa: E402
+from qvlq.int4_mma import variant_selection  # noqa: E402
 from qvlq.io import write_json  # noqa: E402
 from qvlq.random_model import build_random_model, quantize_model_rtn  # noqa: E402
 
@@ -154,6 +155,8 @@ def main() -> int:
         desc = engine.describe()
         r["attention"] = {k: desc[k] for k in ("attention", "attention_choice")}
         r["fusion"] = {k: desc[k] for k in ("fused_mlp", "fused_mlp_gate", "fused_blocks", "fused_block_off")}
+        if prec == "int4":  # the tuners' choices: configs (with or without PDL) of the plain and the fused launches
+            r["int4_selection"], r["int4_fused"] = kernel_selection(), variant_selection()
         result["precisions"][prec] = r
         del engine
         torch._dynamo.reset()

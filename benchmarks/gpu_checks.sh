@@ -16,6 +16,8 @@
 #      if the budget has room left
 #   4b. the same for Int4 with the FastEngine's fusion off (--fuse off): the A/B of the fused blocks
 #      if the budget has room left
+#   4c. the same for Int4 fused, with the mma tuner's PDL launches left out (QVLQ_MMA_PDL=0): the A/B of PDL
+#      if the budget has room left
 # The `hf` engine (the seed's eager loop) is left out: it does not change with these kernels and its cells
 # are in reports/profile/h200-random-full-2026-11-26/; `bash benchmarks/profile_full.sh` runs everything.
 #
@@ -26,7 +28,7 @@
 #                 choice (one recompile: the length becomes dynamic); step 2b measures both ways per position.
 #   FUSE=mlp|off  profile with less of the FastEngine's int4 fusion (default block; step 4b measures off)
 # Output in $OUT: gpu-checks.log, mma-diagnose.json, int4-gemv.json, decode-attention.json, decode-kernels.json,
-# decode-kernels-unfused.json, profile-full.log, profile-full/.
+# decode-kernels-unfused.json, decode-kernels-nopdl.json, profile-full.log, profile-full/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output directory}"
@@ -36,7 +38,7 @@ START=$(date +%s)
 BUDGET="${BUDGET:-540}"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COLUMNS="${COLUMNS:-200}"
 LOG="$OUT/gpu-checks.log"
-want() { [[ " ${STEPS:-0 2 2b 3 1 4 4b} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-0 2 2b 3 1 4 4b 4c} " == *" $1 "* ]]; }
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
@@ -115,5 +117,15 @@ if want 4b && (( $(left) >= 60 )); then
     say "4b. rc=$?"
 elif want 4b; then
     say "4b. skipped: $(left) s left"
+fi
+
+if want 4c && (( $(left) >= 60 )); then
+    say "4c. decode step kernels, Int4 fused, no PDL launches (limit $(( $(left) - 5 ))s)"
+    QVLQ_MMA_PDL=0 QVLQ_INT4_BACKEND=$BACKEND timeout -k 5 $(( $(left) - 5 )) "$PY" benchmarks/decode_kernels.py \
+        --precisions int4 --attention "$ATTENTION" --out "$OUT/decode-kernels-nopdl.json" 2>&1 | tee -a "$LOG" \
+        | grep -v "^USDT" | tail -n 30
+    say "4c. rc=$?"
+elif want 4c; then
+    say "4c. skipped: $(left) s left"
 fi
 say "gpu_checks: done"

@@ -92,7 +92,7 @@ BLOCK_VARIANTS = {"attn.c_attn": dict(norm=4096), "attn.c_proj": dict(resid=1), 
 def ranked(row: dict[str, Any]) -> list[M.Config]:
     """The mma configs this row timed, fastest first, as many as the engine's variant tuner tries
     (`int4_mma.ranked_configs`)."""
-    by_name = {c.name: c for c in M.CONFIGS}
+    by_name = {c.name: c for c in M.CONFIGS + M.PDL_CONFIGS}
     timed = {k.removeprefix("mma "): v for k, v in row.get("configs_us", {}).items() if k.startswith("mma ")}
     return [by_name[n] for n in sorted(timed, key=timed.__getitem__)][: M.VARIANT_CANDIDATES]
 

@@ -35,6 +35,10 @@ Variants of the same source take a decode step's small ops into the launch (Conf
 qvlq.int4.fuse_mma and fuse_block): the MLP gate w1 * silu(w2) of two stacked layers, the RMSNorm of the
 input row (prologue) and the residual add (epilogue), each rounded as the model's eager ops round.
 
+On sm_90+ the tuner also times each config launched as a programmatic dependent launch (PDL_CONFIGS,
+cuLaunchKernelEx): a decode step is a chain of 2-15 us kernels, and with PDL each one's blocks start while
+the kernel before it finishes, issue their first weight loads, and only then wait for its output.
+
 Needs: CUDA compute capability 8.0+, libnvrtc (PyTorch's CUDA wheels depend on it) and the driver's
 libcuda. Nothing is compiled until a kernel is launched; on the CPU the custom op runs `emulate`, a
 lane-by-lane model of the kernel that the tests check against the dense reference. The tests also build
@@ -87,7 +91,8 @@ class Config(NamedTuple):
     block writes a * silu(b) (Qwen's MLP gate), N/2 outputs. Each warp does a glu=0 warp's work, so a and b
     are bit for bit those of the layers' own calls, then rounded and combined as torch's eager ops do.
     norm (= K): x is the residual stream, normalized in the kernel by the model's RMSNorm (modeling.rms_norm) before
-    the product; resid: y = resid + the product, rounded as torch's add (the residual add after c_proj)."""
+    the product; resid: y = resid + the product, rounded as torch's add (the residual add after c_proj);
+    pdl: launched as a programmatic dependent launch (sm_90+, see PDL in SOURCE)."""
 
     warps: int
     tiles: int
@@ -96,12 +101,13 @@ class Config(NamedTuple):
     glu: int = 0
     norm: int = 0
     resid: int = 0
+    pdl: int = 0
 
     @property
     def name(self) -> str:
         tail = f"s{self.stages}" if self.stages else "" if self.fence else "-nofence"
         flags = flags_name({f: getattr(self, f) for f, _ in FLAG_NAMES})
-        return f"w{self.warps}t{self.tiles}{tail}{'-' if flags else ''}{flags}"
+        return f"w{self.warps}t{self.tiles}{tail}{'-pdl' if self.pdl else ''}{'-' if flags else ''}{flags}"
 
     def shared_bytes(self, group_size: int) -> int:
         """Static shared memory of the ring and of the normalized x (a static allocation may take 48 KB)."""
@@ -120,6 +126,27 @@ CONFIGS = tuple(Config(w, t, f) for f in (1, 0) for w, t in ((4, 1), (8, 1), (16
     Config(w, t, 1, s) for w, t, s in ((4, 1, 2), (4, 1, 3), (4, 1, 4), (8, 1, 2), (2, 1, 4), (2, 1, 6), (4, 2, 2))
 )
 DEFAULT_CONFIG = Config(8, 1)
+# The same blocks launched with PDL: each may start while the kernel before it ends (its weight loads overlap that
+# kernel's tail and the launch gap). Hopper+ only; the tuner times them beside CONFIGS there.
+PDL_CONFIGS = tuple(c._replace(pdl=1) for c in CONFIGS)
+PDL_CAPABILITY = (9, 0)
+
+
+ENV_PDL = "QVLQ_MMA_PDL"  # 0: the tuners leave PDL_CONFIGS out (an A/B of the decode step)
+
+
+def configs_for(device: torch.device) -> tuple[Config, ...]:
+    """The configs tune() tries on this device: CONFIGS, and PDL_CONFIGS on sm_90+ unless $QVLQ_MMA_PDL is 0."""
+    off = os.environ.get(ENV_PDL, "").strip() == "0"
+    pdl = not off and device.type == "cuda" and _capability(_index(device)) >= PDL_CAPABILITY
+    return CONFIGS + (PDL_CONFIGS if pdl else ())
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 MAX_THREADS = 512  # a 1024-thread block caps a thread at 64 registers: the main loop spills
 
 
@@ -177,6 +204,19 @@ __device__ __forceinline__ unsigned short to_half(float v) {
   unsigned short h; asm(CVT " %0, %1;" : "=h"(h) : "f"(v)); return h;
 }
 __device__ __forceinline__ float rsqrt_(float v) { return rsqrtf(v); }
+#endif
+// PDL (sm_90+, launched with programmatic stream serialization): the block may start while the previous kernel
+// in the stream still runs. It only reads weights until grid_wait() returns (the previous grid complete, its
+// writes visible) and writes nothing before: x, gamma, resid and y are touched after it. grid_release() lets
+// the next such launch start once every block of this one has begun.
+#if PDL && !defined(QVLQ_HOST) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void grid_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void grid_release() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+#else
+__device__ __forceinline__ void grid_wait() {}
+__device__ __forceinline__ void grid_release() {}
+#endif
+#ifndef QVLQ_HOST
 // d += A (16x16, 4 regs per lane) @ B (16x8, 2 regs per lane), fp32 (4 regs per lane)
 __device__ __forceinline__ void mma(float* d, const unsigned int* a, unsigned int b0, unsigned int b1) {
   asm volatile(MMA " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -216,6 +256,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   const int tile0 = blockIdx.x * TN + (warp / WH) * half, m = blockIdx.y;
   const int chunks = K / 64, steps = K / 256;
   const int s0 = wk * steps / WH, s1 = (wk + 1) * steps / WH;
+  grid_release();
 #if NORM
   // The row's RMSNorm into xs. x and gamma are loaded together (one round trip), the mean of squares summed
   // per thread, per warp and over the warps in a fixed order (deterministic). Called once the first weight
@@ -325,12 +366,15 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     load_x(s, xv);
   };
   int first = s0;
-#if NORM
-  {  // the first step peeled: its weights in flight while the block normalizes x
+#if NORM || PDL
+  {  // the first step peeled: its weights in flight while the block waits for x and/or normalizes it
     u4 wv[TN][4], xv[4][2];
     u2 md[TN][GPS];
     if (s0 < s1) load_w(s0, wv, md);
+    grid_wait();
+#if NORM
     norm_x();
+#endif
     if (s0 < s1) {
       load_x(s0, xv);
       step(wv, xv, md);
@@ -369,6 +413,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   const u4* xrow = reinterpret_cast<const u4*>(x + (u64)m * ldx);
 #endif
   const int n = s1 - s0;
+#if !NORM
+  grid_wait();  // x is copied with each step's weights
+#endif
   auto issue = [&](int s, Slot& sl) {
 #pragma unroll
     for (int t = 0; t < TN; ++t)
@@ -389,6 +436,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
     cp_async_commit();
   }
 #if NORM
+  grid_wait();
   norm_x();  // while the first steps are in flight
 #endif
   for (int k = 0; k < n; ++k) {
@@ -789,6 +837,7 @@ def defines(dtype: torch.dtype, group_size: int, cfg: Config) -> dict[str, str]:
         "GLU": str(cfg.glu),
         "NORM": str(cfg.norm),
         "RESID": str(cfg.resid),
+        "PDL": str(cfg.pdl),
         "ACT_BF16": str(int(dtype == torch.bfloat16)),
         "MAGIC_VALUE": f"{FORMATS[dtype][1]:.1f}f",
     }
@@ -859,13 +908,39 @@ def _module(device_index: int, dtype: torch.dtype, group_size: int, cfg: Config)
     return module
 
 
-def _cu_launch(fn: ctypes.c_void_p, index: int, grid: tuple[int, int], block: int, args: list[Any]) -> None:
-    """cuLaunchKernel on the current stream of device `index` (the context the module was loaded in)."""
+class LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute (cuda.h): a 4-byte id, padding to 8, a 64-byte value union."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h), the argument of cuLaunchKernelEx."""
+
+    _fields_ = [(n, ctypes.c_uint) for n in ("gridDimX", "gridDimY", "gridDimZ", "blockDimX", "blockDimY", "blockDimZ",
+                                             "sharedMemBytes")]  # fmt: skip
+    _fields_ += [("hStream", ctypes.c_void_p), ("attrs", ctypes.POINTER(LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def _cu_launch(
+    fn: ctypes.c_void_p, index: int, grid: tuple[int, int], block: int, args: list[Any], pdl: bool = False
+) -> None:  # fmt: skip
+    """cuLaunchKernel on the current stream of device `index` (the context the module was loaded in); with pdl,
+    cuLaunchKernelEx with programmatic stream serialization (the kernel may start before the previous one ends)."""
     with torch.cuda.device(index):
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])  # ~5x cheaper than cast
-        rc = _cuda().cuLaunchKernel(fn, grid[0], grid[1], 1, block, 1, 1, 0, stream, params, None)
-        _check_cu(rc, "cuLaunchKernel")
+        if not pdl:
+            rc = _cuda().cuLaunchKernel(fn, grid[0], grid[1], 1, block, 1, 1, 0, stream, params, None)
+            _check_cu(rc, "cuLaunchKernel")
+            return
+        attr = LaunchAttribute(id=ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attr.value[0] = 1  # programmaticStreamSerializationAllowed
+        cfg = LaunchConfig(grid[0], grid[1], 1, block, 1, 1, 0, stream.value, ctypes.pointer(attr), 1)
+        _check_cu(_cuda().cuLaunchKernelEx(ctypes.byref(cfg), fn, params, None), "cuLaunchKernelEx")
 
 
 _MODULES: list[ctypes.c_void_p] = []
@@ -909,6 +984,8 @@ def launch(
         raise ValueError(f"config {cfg.name}: out_features {p.out_features} does not split into its blocks")
     _check_packed(p, x.device)
     _check_fused(x, n_out, cfg, gamma, resid)
+    if cfg.pdl and _capability(_index(x.device)) < PDL_CAPABILITY:
+        raise ValueError(f"config {cfg.name}: programmatic dependent launch needs compute capability 9.0+")
     if bias is not None and bias.numel() != p.out_features:
         raise ValueError(f"bias has {bias.numel()} values, the layer {p.out_features} outputs")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # rows are read with 16-byte loads
@@ -931,7 +1008,7 @@ def launch(
             ctypes.c_void_p(g.data_ptr() if g is not None else 0), ctypes.c_float(eps),
             ctypes.c_void_p(0 if r is None else r[r0].data_ptr()), ctypes.c_int(0 if r is None else r.stride(0)),
         ]  # fmt: skip
-        _cu_launch(fn, index, (n_out // (16 * cfg.tiles), rows), cfg.threads, args)
+        _cu_launch(fn, index, (n_out // (16 * cfg.tiles), rows), cfg.threads, args, bool(cfg.pdl))
     return y
 
 
@@ -969,11 +1046,12 @@ def _int4_mma_op(
     glu: int,
     norm: int,
     resid_flag: int,
+    pdl: int,
     gamma: Tensor | None,
     eps: float,
     resid: Tensor | None,
 ) -> Tensor:
-    cfg = Config(warps, tiles, fence, stages, glu, norm, resid_flag)
+    cfg = Config(warps, tiles, fence, stages, glu, norm, resid_flag, pdl)
     if x.device.type == "cuda":
         return launch(x, Packed(qweight, meta, group_size, x.dtype), bias, cfg, gamma=gamma, eps=eps, resid=resid)
     # CPU: the model's ops around the lane-by-lane model of the kernel
@@ -984,7 +1062,7 @@ def _int4_mma_op(
 
 
 @_int4_mma_op.register_fake
-def _(x, qweight, meta, bias, group_size, warps, tiles, fence, stages, glu, norm, resid_flag, gamma, eps, resid):
+def _(x, qweight, meta, bias, group_size, warps, tiles, fence, stages, glu, norm, resid_flag, pdl, gamma, eps, resid):
     return x.new_empty(x.shape[0], qweight.shape[0] * (8 if glu else 16))
 
 
@@ -1057,7 +1135,8 @@ def tune(p: Packed, bias: Tensor | None = None, calls: int = 200, repeats: int =
     n_copies = len(ps)
     seconds: dict[str, float] = {}
     dropped: dict[str, str] = {}
-    for cfg in CONFIGS:
+    configs = configs_for(dev)
+    for cfg in configs:
         if p.out_features % (16 * cfg.tiles):
             dropped[cfg.name] = f"out_features not a multiple of {16 * cfg.tiles}"
             continue
@@ -1073,7 +1152,7 @@ def tune(p: Packed, bias: Tensor | None = None, calls: int = 200, repeats: int =
             dropped[cfg.name] = int4_triton.error_line(e)
     if not seconds:
         raise RuntimeError(f"no int4_mma configuration works for N={p.out_features} K={p.in_features}: {dropped}")
-    by_name = {c.name: c for c in CONFIGS}
+    by_name = {c.name: c for c in configs}
     return TuneResult(by_name[min(seconds, key=seconds.__getitem__)], seconds, dropped)
 
 
@@ -1152,7 +1231,7 @@ def tune_variant(
 def ranked_configs(first: Config, shape: Packed, k: int = VARIANT_CANDIDATES) -> list[Config]:
     """first, then the other configs that tune() timed on shape's (N, K, group, dtype), fastest first: k in all."""
     res = TUNED.get((shape.out_features, shape.in_features, shape.group_size, shape.dtype))
-    by_name = {c.name: c for c in CONFIGS}
+    by_name = {c.name: c for c in CONFIGS + PDL_CONFIGS}
     ranked = sorted(res.seconds, key=res.seconds.__getitem__) if res else []
     return [first, *(by_name[n] for n in ranked if by_name[n] != first)][:k]
 

@@ -285,6 +285,57 @@ def test_source_compiles_without_spills(tmp_path, arch, dtype):
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (cfg.name, log)
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_pdl_configs_compile_and_wait_only_on_sm90(tmp_path):
+    """PDL configs: the grid dependency wait and release in the sm_90 PTX, neither for sm_80 (no such
+    instruction there: the tuner offers PDL configs on sm_90+ only) nor without PDL; no spills."""
+    src = tmp_path / "k.cu"
+    src.write_text(M.SOURCE)
+
+    def ptx(arch: str, cfg: M.Config) -> str:
+        cmd = ["nvcc", "-ptx", f"-arch={arch}", "-o", str(tmp_path / "k.ptx"), str(src)]
+        cmd += [f"-D{k}={v}" for k, v in M.defines(torch.bfloat16, 128, cfg).items()]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return (tmp_path / "k.ptx").read_text()
+
+    for cfg in (M.Config(4, 1, pdl=1), M.Config(4, 1, 1, 3, pdl=1), M.Config(4, 1, norm=4096, glu=1, pdl=1)):
+        code = ptx("sm_90", cfg)
+        assert code.count("griddepcontrol.wait") == 1 and code.count("griddepcontrol.launch_dependents") == 1
+        assert "griddepcontrol" not in ptx("sm_80", cfg) and "griddepcontrol" not in ptx("sm_90", cfg._replace(pdl=0))
+        log = _nvcc(tmp_path, "sm_90", torch.bfloat16, 128, cfg)
+        assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (cfg.name, log)
+    assert [c.name for c in M.PDL_CONFIGS[:2]] == ["w4t1-pdl", "w8t1-pdl"]
+    assert M.Config(4, 1, 1, 3, norm=8, pdl=1).name == "w4t1s3-pdl-norm"
+    assert M.configs_for(torch.device("cpu")) == M.CONFIGS
+
+
+@pytest.mark.skipif(not Path("/usr/local/cuda/include/cuda.h").exists() or shutil.which("gcc") is None,
+                    reason="needs cuda.h and gcc")  # fmt: skip
+def test_launch_structs_match_cuda_h(tmp_path):
+    """The ctypes CUlaunchConfig / CUlaunchAttribute that a PDL launch hands cuLaunchKernelEx have cuda.h's
+    sizes and offsets, and the attribute id is cuda.h's."""
+    import ctypes
+
+    prog = tmp_path / "layout.c"
+    prog.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n#include <cuda.h>\nint main(void) {\n"
+        'printf("%zu %zu %zu %zu %zu %zu %zu %d\\n", sizeof(CUlaunchAttribute), offsetof(CUlaunchAttribute, value),'
+        " sizeof(CUlaunchConfig), offsetof(CUlaunchConfig, hStream), offsetof(CUlaunchConfig, attrs),"
+        " offsetof(CUlaunchConfig, numAttrs), offsetof(CUlaunchConfig, sharedMemBytes),"
+        " (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);\nreturn 0; }\n"
+    )
+    exe = tmp_path / "layout"
+    cmd = ["gcc", "-I/usr/local/cuda/include", str(prog), "-o", str(exe)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = [int(v) for v in subprocess.run([str(exe)], capture_output=True, text=True).stdout.split()]
+    A, C = M.LaunchAttribute, M.LaunchConfig
+    got = [ctypes.sizeof(A), A.value.offset, ctypes.sizeof(C), C.hStream.offset, C.attrs.offset, C.numAttrs.offset,
+           C.sharedMemBytes.offset, M.ATTR_PROGRAMMATIC_STREAM_SERIALIZATION]  # fmt: skip
+    assert got == want
+
+
 HARNESS = Path(__file__).with_name("int4_mma_host.cpp")
 
 
@@ -358,6 +409,10 @@ HOST_CASES = [  # (dtype, N, K, group, config, rows, bias, pad): warps without s
     (torch.bfloat16, 16, 3072, 128, M.Config(2, 1, 1, 6), 1, True, 0),
     (torch.bfloat16, 32, 2560, 256, M.Config(8, 1, 1, 2), 3, False, 0),
     (torch.bfloat16, 16, 768, -1, M.Config(4, 1, 1, 4), 1, True, 0),
+    # PDL: the register path peels its first step (weights before the wait, then x), warps without steps too
+    (torch.bfloat16, 32, 768, 128, M.Config(8, 1, pdl=1), 2, True, 0),
+    (torch.float16, 64, 1024, 64, M.Config(4, 2, fence=0, pdl=1), 1, False, 8),
+    (torch.bfloat16, 32, 1024, 128, M.Config(4, 1, 1, 3, pdl=1), 2, True, 0),
 ]
 
 
@@ -409,6 +464,9 @@ FUSED_CASES = [  # (dtype, N, K, group, config, rows): the norm prologue (regist
     (torch.bfloat16, 64, 768, 128, M.Config(4, 1, glu=1, norm=768), 3),
     (torch.bfloat16, 48, 512, 128, M.Config(8, 1, resid=1), 2),
     (torch.float16, 32, 1024, 256, M.Config(4, 2, 1, 2, resid=1), 1),
+    (torch.bfloat16, 32, 1024, 128, M.Config(4, 1, norm=1024, pdl=1), 2),
+    (torch.bfloat16, 64, 2048, 128, M.Config(2, 1, 1, 4, glu=1, norm=2048, pdl=1), 1),
+    (torch.bfloat16, 48, 512, 128, M.Config(8, 1, resid=1, pdl=1), 2),
 ]
 
 
@@ -561,7 +619,7 @@ def test_full_size_kernel_matches_reference(out_in):
         for rows in (1, 3):
             x = torch.randn(rows, k, device="cuda").to(dtype)
             ref = M.reference(x.float(), p, bias)
-            for cfg in M.CONFIGS:
+            for cfg in M.configs_for(x.device):  # with the PDL launches on sm_90+
                 bad = mismatch(M.gemv(x, p, bias, cfg), ref)
                 assert bad is None, f"{cfg.name} {dtype} rows={rows}: {bad}"
     res = M.tuned(p)
@@ -623,6 +681,44 @@ def test_norm_prologue_and_residual_epilogue_at_full_size():
                 assert torch.equal(got, resid + want), v.name
             else:
                 assert rel_error(got, want) < 1e-2 and (got != want).float().mean() < 0.05, v.name
+
+
+@pytest.mark.gpu
+@gpu
+def test_pdl_launches_in_a_dependent_chain_match_plain_launches():
+    """PDL launches where each reads what the launch before it wrote, as in the decode step: x -> norm launch ->
+    h -> resid launch (h and x) -> x ..., eager and captured in one CUDA graph (where the launches become
+    programmatic edges). The kernel is deterministic, so the chain must equal the plain launches' bit for bit:
+    a block that read its input, or wrote its output, before the previous kernel ended would break that."""
+    if torch.cuda.get_device_capability() < M.PDL_CAPABILITY:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    p, _ = random_packed(4096, 4096, 128, torch.bfloat16, seed=9, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    x0 = torch.randn(1, 4096, device="cuda", generator=gen).bfloat16()
+    gamma = (1 + 0.1 * torch.randn(4096, device="cuda", generator=gen)).bfloat16()
+
+    def chain(pdl: int) -> torch.Tensor:
+        norm, res = M.Config(4, 1, norm=4096, pdl=pdl), M.Config(8, 1, 1, 2, resid=1, pdl=pdl)  # registers, ring
+        x = x0
+        for _ in range(24):
+            h = M.gemv(x, p, None, norm, gamma, 1e-6)
+            x = M.gemv(h, p, None, res, None, 0.0, x)
+        return x
+
+    want = chain(0)
+    assert bool(torch.isfinite(want).all()) and torch.equal(chain(1), want)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(1)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        got = chain(1)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
 
 
 @pytest.mark.gpu
