@@ -147,6 +147,16 @@ def _interpreter_results() -> dict[str, str | None]:
                                                ((got_c.k, ref_c.k), (got_c.v, ref_c.v))):  # fmt: skip
                         bad = "the cache differs from the reference's"
                     out[f"{b}x{h}x{length}x{d}-{str(dt)[6:]}-p{pos}-{cfg.name}"] = bad
+    # the merge in chunks (as 64 splits merge 32 at a time): 8 splits, 2 a chunk, and a ragged run of slots
+    merge, A.MERGE_SPLITS = A.MERGE_SPLITS, 2
+    try:
+        fresh = case(1, 2, 90, 64, torch.bfloat16, alpha=3.0)
+        for pos in (0, 5, 89):
+            c, p = fresh.clone(), torch.tensor([pos])
+            ref = A.reference(*c.clone(), p, None, torch.float32)
+            out[f"merge-in-chunks-p{pos}"] = mismatch(A.launch(*c, p, None, A.Config(8, 8, 2)), ref)
+    finally:
+        A.MERGE_SPLITS = merge
     c = case(2, 3, 50, 64, torch.bfloat16)
     qkv = torch.randn(3, 2, 3, 64).bfloat16().permute(1, 2, 0, 3)  # [B, 3, H, D] with shuffled strides
     p = torch.tensor([33])
@@ -237,7 +247,7 @@ INTERP_CASES = [
     for dt in ("bfloat16", "float16")
     for pos in (0, 1, length // 2, length - 1)
     for cfg in CONFIGS
-] + ["strided-qkv", "counters-zero", "engine-tokens", "tune-logic"]
+] + [f"merge-in-chunks-p{p}" for p in (0, 5, 89)] + ["strided-qkv", "counters-zero", "engine-tokens", "tune-logic"]
 
 needs_triton = pytest.mark.skipif(triton_error() is not None, reason=f"needs triton: {triton_error()}")
 
@@ -257,7 +267,8 @@ def compile_cubin(cfg: A.Config, arch: int, dtype: str = "bf16", head_dim: int =
     sig = {n: f"*{dtype}" for n in ("x_ptr", "k_ptr", "v_ptr", "logn_ptr", "o_ptr")}
     sig |= {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig |= {n: "i32" for n in A._kernel().arg_names if n.startswith("stride_")} | {"scale": "fp32"}
-    constexprs = {"D": head_dim, "BLOCK": cfg.block, "SPLITS": cfg.splits, "HAS_LOGN": True}
+    constexprs = {"D": head_dim, "BLOCK": cfg.block, "SPLITS": cfg.splits, "HAS_LOGN": True,
+                  "MERGE": min(cfg.splits, A.MERGE_SPLITS)}
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
     return triton_cubin(A._kernel(), sig, constexprs, opts, arch)
 
