@@ -413,28 +413,45 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   const u4* xrow = reinterpret_cast<const u4*>(x + (u64)m * ldx);
 #endif
   const int n = s1 - s0;
-#if !NORM
-  grid_wait();  // x is copied with each step's weights
-#endif
-  auto issue = [&](int s, Slot& sl) {
+  auto issue_w = [&](int s, Slot& sl) {  // a step's weights and metadata
 #pragma unroll
     for (int t = 0; t < TN; ++t)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         cp_async16(&sl.w[t][i][lane], &qw[((u64)(tile0 + t) * chunks + s * 4 + i) * 32 + lane]);
-#if !NORM  // else x is read from xs
-    cp_async16(&sl.x[lane], &xrow[s * 32 + lane]);
-#endif
     for (int e = lane; e < TN * GPS * 8; e += 32) {
       const int t = e / (GPS * 8), q = (e / 8) % GPS, r = e % 8;
       cp_async8(&sl.m[t][q][r], &meta[((u64)(tile0 + t) * G + s * 4 / CPG + q) * 8 + r]);
     }
   };
+  auto issue = [&](int s, Slot& sl) {
+    issue_w(s, sl);
+#if !NORM  // else x is read from xs
+    cp_async16(&sl.x[lane], &xrow[s * 32 + lane]);
+#endif
+  };
+#if PDL && !NORM
+  // The prologue's weights before the wait, their x after it, each in its own commit group: at step k the
+  // STAGES - 1 newest groups are x of the prologue's steps after k and the full steps issued since, so
+  // wait_group<STAGES - 1> still covers both halves of step k.
+#pragma unroll
+  for (int k = 0; k < STAGES - 1; ++k) {
+    if (k < n) issue_w(s0 + k, ring[k]);
+    cp_async_commit();
+  }
+  grid_wait();
+#pragma unroll
+  for (int k = 0; k < STAGES - 1; ++k) {
+    if (k < n) cp_async16(&ring[k].x[lane], &xrow[(s0 + k) * 32 + lane]);
+    cp_async_commit();
+  }
+#else
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {  // one commit group per step, empty past the warp's last step
     if (k < n) issue(s0 + k, ring[k]);
     cp_async_commit();
   }
+#endif
 #if NORM
   grid_wait();
   norm_x();  // while the first steps are in flight

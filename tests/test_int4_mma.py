@@ -413,6 +413,8 @@ HOST_CASES = [  # (dtype, N, K, group, config, rows, bias, pad): warps without s
     (torch.bfloat16, 32, 768, 128, M.Config(8, 1, pdl=1), 2, True, 0),
     (torch.float16, 64, 1024, 64, M.Config(4, 2, fence=0, pdl=1), 1, False, 8),
     (torch.bfloat16, 32, 1024, 128, M.Config(4, 1, 1, 3, pdl=1), 2, True, 0),
+    (torch.bfloat16, 16, 3072, 128, M.Config(2, 1, 1, 6, pdl=1), 1, True, 0),
+    (torch.float16, 64, 2048, 64, M.Config(4, 2, 1, 2, pdl=1), 1, False, 8),
 ]
 
 
@@ -536,6 +538,14 @@ def test_host_build_notices_a_ring_read_before_its_copies_land(tmp_path):
     bug = M.SOURCE.replace("cp_async_wait<STAGES - 1>();", "cp_async_wait<STAGES>();")
     assert bug != M.SOURCE
     assert mismatch(host_kernel(tmp_path, p, x, None, cfg, source=bug), M.reference(x.float(), p)) is not None
+    # PDL: the prologue's x copies after the wait, one commit group each; in one group they would land late
+    pdl = M.Config(2, 1, 1, 4, pdl=1)
+    assert mismatch(host_kernel(tmp_path, p, x, None, pdl), M.reference(x.float(), p)) is None
+    x_loop = "if (k < n) cp_async16(&ring[k].x[lane], &xrow[(s0 + k) * 32 + lane]);\n    cp_async_commit();\n  }"
+    assert x_loop in M.SOURCE
+    bug = M.SOURCE.replace(x_loop, "if (k < n) cp_async16(&ring[k].x[lane], &xrow[(s0 + k) * 32 + lane]);\n  }\n"
+                                   "  cp_async_commit();")  # fmt: skip
+    assert mismatch(host_kernel(tmp_path, p, x, None, pdl, source=bug), M.reference(x.float(), p)) is not None
 
 
 def test_ring_configs_fit_static_shared_memory():
