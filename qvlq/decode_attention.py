@@ -134,7 +134,7 @@ def _kernel() -> Any:
     triton, tl = import_triton()
     # Triton (and its interpreter) resolve the helpers a kernel calls among the module's globals, not in
     # this closure: they are defined as module globals here, when triton is first needed.
-    global _round_to, _rope
+    global _round_to, _rope, _merge
 
     @triton.jit
     def _round_to(x, dtype: tl.constexpr):
@@ -156,6 +156,19 @@ def _kernel() -> Any:
         sign = tl.where(d < D // 2, -1.0, 1.0)
         x = tl.load(x_ptr + d).to(tl.float32)
         return _round_to(x * c + sign * tl.load(x_ptr + partner).to(tl.float32) * sn, dtype)
+
+    @triton.jit
+    def _merge(parts, first, m, num, den, D: tl.constexpr, MERGE: tl.constexpr):
+        """(max, sum of weighted acc, sum of weighted l) after folding in the partials first.. first + MERGE
+        (each D accumulators, then max and sum) of one (row, head): online softmax rescaling."""
+        p = parts + (first + tl.arange(0, MERGE)) * (D + 2)
+        m_s = tl.load(p + D, cache_modifier=".cg")
+        l_s = tl.load(p + D + 1, cache_modifier=".cg")
+        a_s = tl.load(p[:, None] + tl.arange(0, D)[None, :], cache_modifier=".cg")
+        m_new = tl.maximum(tl.max(m_s, axis=0), m)
+        old = tl.exp(m - m_new)
+        w = tl.exp(m_s - m_new)
+        return m_new, num * old + tl.sum(w[:, None] * a_s, axis=0), den * old + tl.sum(w * l_s, axis=0)
 
     @triton.jit
     def decode_attention_kernel(
@@ -232,18 +245,13 @@ def _kernel() -> Any:
             # empty splits (the floor) get weight 0.
             m = tl.sum(q * k_new.to(tl.float32), axis=0)
             num = v_new.to(tl.float32)
-            den = 1.0
-            for first in tl.static_range(0, SPLITS, MERGE):
-                parts = part_ptr + (row * SPLITS + first + tl.arange(0, MERGE)) * (D + 2)
-                m_s = tl.load(parts + D, cache_modifier=".cg")
-                l_s = tl.load(parts + D + 1, cache_modifier=".cg")
-                a_s = tl.load(parts[:, None] + d[None, :], cache_modifier=".cg")
-                m_new = tl.maximum(tl.max(m_s, axis=0), m)
-                old = tl.exp(m - m_new)
-                w = tl.exp(m_s - m_new)
-                num = num * old + tl.sum(w[:, None] * a_s, axis=0)
-                den = den * old + tl.sum(w * l_s, axis=0)
-                m = m_new
+            den = m * 0.0 + 1.0
+            parts = part_ptr + row * SPLITS * (D + 2)
+            if SPLITS == MERGE:
+                m, num, den = _merge(parts, 0, m, num, den, D, MERGE)
+            else:  # a loop, not unrolled: one chunk's [MERGE, D] tile in registers at a time
+                for first in range(0, SPLITS, MERGE):
+                    m, num, den = _merge(parts, first, m, num, den, D, MERGE)
             out = num / den
             tl.store(o_ptr + b * stride_ob + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
             tl.atomic_xchg(cnt_ptr + row, 0)  # back to zero for the next call
