@@ -209,6 +209,13 @@ __device__ __forceinline__ float rsqrt_(float v) { return rsqrtf(v); }
 // in the stream still runs. It only reads weights until grid_wait() returns (the previous grid complete, its
 // writes visible) and writes nothing before: x, gamma, resid and y are touched after it. grid_release() lets
 // the next such launch start once every block of this one has begun.
+// x and resid are written by the kernels just before this one: with PDL while this one already runs, so they
+// are not read through the non-coherent path that __restrict__ const allows (weights, meta and gamma are).
+#if PDL
+#define ACT_RESTRICT
+#else
+#define ACT_RESTRICT __restrict__
+#endif
 #if PDL && !defined(QVLQ_HOST) && __CUDA_ARCH__ >= 900
 __device__ __forceinline__ void grid_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ void grid_release() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
@@ -245,10 +252,10 @@ __device__ __forceinline__ unsigned int norm2(unsigned int v, unsigned int g, fl
 }
 #endif
 extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
-    const u4* __restrict__ qw, const u2* __restrict__ meta, const unsigned short* __restrict__ x,
+    const u4* __restrict__ qw, const u2* __restrict__ meta, const unsigned short* ACT_RESTRICT x,
     const float* __restrict__ bias, unsigned short* __restrict__ y, int K, int G, int ldx, int ldy,
     unsigned int zero, int half, const unsigned short* __restrict__ gamma, float eps,
-    const unsigned short* __restrict__ resid, int ldr) {
+    const unsigned short* ACT_RESTRICT resid, int ldr) {
   constexpr int GPS = CPG >= 4 ? 1 : 4 / CPG;  // groups met in one step
   constexpr int WH = GLU ? WARPS / 2 : WARPS;  // warps over the K steps of one set of tiles
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wk = warp % WH;
@@ -413,12 +420,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   const u4* xrow = reinterpret_cast<const u4*>(x + (u64)m * ldx);
 #endif
   const int n = s1 - s0;
-  auto issue_w = [&](int s, Slot& sl) {  // a step's weights and metadata
+  auto issue_w = [&](int s, Slot& sl) {  // a step's weights
 #pragma unroll
     for (int t = 0; t < TN; ++t)
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         cp_async16(&sl.w[t][i][lane], &qw[((u64)(tile0 + t) * chunks + s * 4 + i) * 32 + lane]);
+  };
+  auto issue_m = [&](int s, Slot& sl) {  // its groups' metadata
     for (int e = lane; e < TN * GPS * 8; e += 32) {
       const int t = e / (GPS * 8), q = (e / 8) % GPS, r = e % 8;
       cp_async8(&sl.m[t][q][r], &meta[((u64)(tile0 + t) * G + s * 4 / CPG + q) * 8 + r]);
@@ -429,6 +438,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
 #if !NORM  // else x is read from xs
     cp_async16(&sl.x[lane], &xrow[s * 32 + lane]);
 #endif
+    issue_m(s, sl);
   };
 #if PDL && !NORM
   // The prologue's weights before the wait, their x after it, each in its own commit group: at step k the
@@ -436,7 +446,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) qvlq_int4_mma(
   // wait_group<STAGES - 1> still covers both halves of step k.
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
-    if (k < n) issue_w(s0 + k, ring[k]);
+    if (k < n) { issue_w(s0 + k, ring[k]); issue_m(s0 + k, ring[k]); }
     cp_async_commit();
   }
   grid_wait();

@@ -13,6 +13,7 @@ Levels:
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -299,10 +300,17 @@ def test_pdl_configs_compile_and_wait_only_on_sm90(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return (tmp_path / "k.ptx").read_text()
 
-    for cfg in (M.Config(4, 1, pdl=1), M.Config(4, 1, 1, 3, pdl=1), M.Config(4, 1, norm=4096, glu=1, pdl=1)):
-        code = ptx("sm_90", cfg)
+    def plain_loads(code: str) -> int:  # coherent global loads of the mma kernel (not ld.global.nc)
+        body = code[code.index(".entry qvlq_int4_mma") :]
+        return len(re.findall(r"\bld\.global(?!\.nc)", body[: body.find(".entry qvlq_int4_dequant")]))
+
+    for cfg in (M.Config(4, 1, pdl=1), M.Config(4, 1, 1, 3, pdl=1), M.Config(4, 1, norm=4096, glu=1, pdl=1),
+                M.Config(8, 1, 1, 2, resid=1, pdl=1)):  # fmt: skip
+        code, plain = ptx("sm_90", cfg), ptx("sm_90", cfg._replace(pdl=0))
         assert code.count("griddepcontrol.wait") == 1 and code.count("griddepcontrol.launch_dependents") == 1
-        assert "griddepcontrol" not in ptx("sm_80", cfg) and "griddepcontrol" not in ptx("sm_90", cfg._replace(pdl=0))
+        assert "griddepcontrol" not in ptx("sm_80", cfg) and "griddepcontrol" not in plain
+        # x and resid, written by the kernel before, are not read through the non-coherent path under PDL
+        assert plain_loads(plain) == 0 and plain_loads(code) >= (0 if cfg.stages and not cfg.resid else 1), cfg.name
         log = _nvcc(tmp_path, "sm_90", torch.bfloat16, 128, cfg)
         assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, (cfg.name, log)
     assert [c.name for c in M.PDL_CONFIGS[:2]] == ["w4t1-pdl", "w8t1-pdl"]
