@@ -24,7 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qvlq.fast import FUSE_LEVELS, FastEngine  # noqa: E402
+from qvlq.fast import FUSE_LEVELS, FastEngine, fuse_options  # noqa: E402
 from qvlq.int4 import int4_backends, kernel_selection  # noqa: E402
 from qvlq.int4_mma import variant_selection  # noqa: E402
 from qvlq.io import write_json  # noqa: E402
@@ -146,8 +146,9 @@ def main() -> int:
     for prec in precisions:
         if prec == "int4":
             result["int4_backends"] = quantize_model_rtn(model, dtype=dtype)
-        engine = FastEngine(model, args.context, compile=compile_opt, attention=args.attention,
-                            fuse_mlp=args.fuse != "off", fuse_block=args.fuse == "block")  # fmt: skip
+        engine = FastEngine(
+            model, args.context, compile=compile_opt, attention=args.attention, **fuse_options(args.fuse)
+        )
         prompt = args.context // 2 if args.prompt is None else args.prompt
         r = profile_steps(engine, model.config.vocab_size, prompt, args.warmup, args.steps)
         r["prompt"] = prompt

@@ -11,7 +11,7 @@ twice the outputs would save per step (timed as its own shape: each call has a f
 ramp-up, that a fused call pays once); for the mma kernel also its glu blocks, which compute the MLP's gate
 w1 * silu(w2) in the same launch, against the fused GEMV plus torch's gate (one inductor kernel); and the
 FastEngine's fused-block launches (RMSNorm in the prologue of c_attn and of the gated w1 + w2, the residual add
-in the epilogue of the c_proj) against the plain kernel, with the same config.
+in the epilogue of the c_proj), tuned as the engine tunes them, against the plain kernel.
 
     python benchmarks/int4_gemv.py --out int4-gemv.json        # CUDA; well under a minute on an H100/H200
     python benchmarks/int4_gemv.py --dry-run                   # CPU: small shapes, reference checks, the
@@ -92,9 +92,8 @@ BLOCK_VARIANTS = {"attn.c_attn": dict(norm=4096), "attn.c_proj": dict(resid=1), 
 def ranked(row: dict[str, Any]) -> list[M.Config]:
     """The mma configs this row timed, fastest first, as many as the engine's variant tuner tries
     (`int4_mma.ranked_configs`)."""
-    by_name = {c.name: c for c in M.CONFIGS + M.PDL_CONFIGS}
     timed = {k.removeprefix("mma "): v for k, v in row.get("configs_us", {}).items() if k.startswith("mma ")}
-    return [by_name[n] for n in sorted(timed, key=timed.__getitem__)][: M.VARIANT_CANDIDATES]
+    return M.fastest_first(timed)[: M.VARIANT_CANDIDATES]
 
 
 def tune_variants(row: dict[str, Any], key: str, mp: M.Packed, flags: dict[str, int], args: argparse.Namespace) -> None:

@@ -65,6 +65,11 @@ class Config(NamedTuple):
     def name(self) -> str:
         return f"b{self.block}s{self.splits}w{self.num_warps}st{self.num_stages}"
 
+    @property
+    def merge(self) -> int:
+        """Partials the last program merges at a time (the kernel's MERGE)."""
+        return min(self.splits, MERGE_SPLITS)
+
 
 # Sized for D = 128: a [block, D] tile is 8-32 elements a thread (K, V, next K, V and the per-row accumulator);
 # the merge reads MERGE_SPLITS partials at a time, a [32, D] fp32 tile. 64 splits (2048 programs for 32 heads):
@@ -278,7 +283,7 @@ def launch(
         qkv, k, v, cos, sin, pos, out if logn is None else logn, out, part, cnt,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), cos.stride(0), d**-0.5,
-        D=d, BLOCK=cfg.block, SPLITS=cfg.splits, HAS_LOGN=logn is not None, MERGE=min(cfg.splits, MERGE_SPLITS),
+        D=d, BLOCK=cfg.block, SPLITS=cfg.splits, HAS_LOGN=logn is not None, MERGE=cfg.merge,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=False,  # RoPE's x cos + r sin rounded as torch rounds it (no FMA): the same cached k
     )  # fmt: skip

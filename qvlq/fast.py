@@ -50,6 +50,13 @@ ATTENTIONS = ("sdpa", "math", "triton", "fastest")
 FUSE_LEVELS = ("block", "mlp", "off")  # int4 fusion: fuse_block (+ fuse_mlp), fuse_mlp only, neither
 
 
+def fuse_options(level: str) -> dict[str, bool]:
+    """FastEngine's fuse_mlp / fuse_block for a FUSE_LEVELS name (`qvlq profile --fuse`)."""
+    if level not in FUSE_LEVELS:
+        raise ValueError(f"fuse must be one of {', '.join(FUSE_LEVELS)}, got {level!r}")
+    return {"fuse_mlp": level != "off", "fuse_block": level == "block"}
+
+
 class KVCache(nn.Module):
     """One layer's static cache, [B, H, max_seq_len, D] each for keys and values."""
 

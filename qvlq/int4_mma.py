@@ -1255,12 +1255,16 @@ def tune_variant(
     return TuneResult(by_name[min(seconds, key=seconds.__getitem__)], seconds, dropped)
 
 
+def fastest_first(seconds: dict[str, float]) -> list[Config]:
+    """The configs a tuner timed (config name -> time), fastest first."""
+    by_name = {c.name: c for c in CONFIGS + PDL_CONFIGS}
+    return [by_name[n] for n in sorted(seconds, key=seconds.__getitem__)]
+
+
 def ranked_configs(first: Config, shape: Packed, k: int = VARIANT_CANDIDATES) -> list[Config]:
     """first, then the other configs that tune() timed on shape's (N, K, group, dtype), fastest first: k in all."""
     res = TUNED.get((shape.out_features, shape.in_features, shape.group_size, shape.dtype))
-    by_name = {c.name: c for c in CONFIGS + PDL_CONFIGS}
-    ranked = sorted(res.seconds, key=res.seconds.__getitem__) if res else []
-    return [first, *(by_name[n] for n in ranked if by_name[n] != first)][:k]
+    return [first, *(c for c in fastest_first(res.seconds if res else {}) if c != first)][:k]
 
 
 def tuned_variant(

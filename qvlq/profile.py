@@ -773,7 +773,9 @@ class _Profiler:
         if s.kv_block is not None:
             fast_opts["kv_block"] = s.kv_block
         fast_opts["attention"] = s.attention
-        fast_opts["fuse_mlp"], fast_opts["fuse_block"] = s.fuse != "off", s.fuse == "block"
+        from .fast import fuse_options
+
+        fast_opts.update(fuse_options(s.fuse))
         pairs = [(c, e) for c in s.contexts for e in s.engines]
         for k, (context, name) in enumerate(pairs):
             n_new = context - image_tokens

@@ -268,7 +268,7 @@ def compile_cubin(cfg: A.Config, arch: int, dtype: str = "bf16", head_dim: int =
     sig |= {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig |= {n: "i32" for n in A._kernel().arg_names if n.startswith("stride_")} | {"scale": "fp32"}
     constexprs = {"D": head_dim, "BLOCK": cfg.block, "SPLITS": cfg.splits, "HAS_LOGN": True,
-                  "MERGE": min(cfg.splits, A.MERGE_SPLITS)}
+                  "MERGE": cfg.merge}
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
     return triton_cubin(A._kernel(), sig, constexprs, opts, arch)
 
