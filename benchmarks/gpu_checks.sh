@@ -16,7 +16,7 @@
 #      if the budget has room left
 #   4b. the same for Int4 with the FastEngine's fusion off (--fuse off): the A/B of the fused blocks
 #      if the budget has room left
-#   4c. the same for Int4 fused, with the mma tuner's PDL launches left out (QVLQ_MMA_PDL=0): the A/B of PDL
+#   4c. the same for Int4 fused, with the tuners' PDL launches left out (QVLQ_PDL=0): the A/B of PDL
 #      if the budget has room left
 # The `hf` engine (the seed's eager loop) is left out: it does not change with these kernels and its cells
 # are in reports/profile/h200-random-full-2026-11-26/; `bash benchmarks/profile_full.sh` runs everything.
@@ -121,7 +121,7 @@ fi
 
 if want 4c && (( $(left) >= 60 )); then
     say "4c. decode step kernels, Int4 fused, no PDL launches (limit $(( $(left) - 5 ))s)"
-    QVLQ_MMA_PDL=0 QVLQ_INT4_BACKEND=$BACKEND timeout -k 5 $(( $(left) - 5 )) "$PY" benchmarks/decode_kernels.py \
+    QVLQ_PDL=0 QVLQ_INT4_BACKEND=$BACKEND timeout -k 5 $(( $(left) - 5 )) "$PY" benchmarks/decode_kernels.py \
         --precisions int4 --attention "$ATTENTION" --out "$OUT/decode-kernels-nopdl.json" 2>&1 | tee -a "$LOG" \
         | grep -v "^USDT" | tail -n 30
     say "4c. rc=$?"

@@ -26,6 +26,10 @@ activation dtype (no FMA: enable_fp_fusion=False, so the cached k is torch's bit
 that dtype, then out = sum_j softmax_j(q.k_j / sqrt(D)) v_j over j <= pos in fp32, rounded once. SDPA
 computes the attention with bf16 probabilities in its P@V product, so the two differ by bf16 rounding.
 
+PDL (PDL_CONFIGS, sm_90+, timed beside the plain configs by the tuner): the launch may begin while c_attn
+ends. Each program lets the next launch (c_proj, whose PDL blocks then load weights) start, loads pos, its
+RoPE rows and its first K/V tile, and only then waits for c_attn's output (griddepcontrol).
+
 Triton is optional and imported on first launch; off CUDA the custom op runs `reference` (or the kernel
 itself on CPU tensors under TRITON_INTERPRET=1, which is how the tests run it without a GPU).
 """
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .int4_mma import pdl_enabled
 from .int4_triton import (
     counters,
     error_line,
@@ -54,16 +59,18 @@ from .model.modeling import apply_rope, rope_cos_sin
 
 
 class Config(NamedTuple):
-    """block: cache slots per loop step; splits: programs per (row, head), a power of two."""
+    """block: cache slots per loop step; splits: programs per (row, head), a power of two; pdl: launched as a
+    programmatic dependent launch (sm_90+, see PDL in the kernel)."""
 
     block: int
     splits: int
     num_warps: int
     num_stages: int = 2
+    pdl: int = 0
 
     @property
     def name(self) -> str:
-        return f"b{self.block}s{self.splits}w{self.num_warps}st{self.num_stages}"
+        return f"b{self.block}s{self.splits}w{self.num_warps}st{self.num_stages}{'-pdl' if self.pdl else ''}"
 
     @property
     def merge(self) -> int:
@@ -92,6 +99,14 @@ CONFIGS: tuple[Config, ...] = (
 )
 MERGE_SPLITS = 32
 DEFAULT_CONFIG = Config(8, 32, 4)
+# The same launched with PDL (Hopper+): each program starts while the kernel before it (c_attn) ends, and
+# the kernel after it (c_proj, a PDL mma launch) may start while this one's last programs merge.
+PDL_CONFIGS = tuple(c._replace(pdl=1) for c in CONFIGS)
+
+
+def configs_for(device: torch.device) -> tuple[Config, ...]:
+    """The configs tune() tries on this device: CONFIGS, and PDL_CONFIGS where int4_mma.pdl_enabled."""
+    return CONFIGS + (PDL_CONFIGS if pdl_enabled(device) else ())
 
 
 def check(qkv: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, logn: Tensor | None) -> None:
@@ -139,7 +154,20 @@ def _kernel() -> Any:
     triton, tl = import_triton()
     # Triton (and its interpreter) resolve the helpers a kernel calls among the module's globals, not in
     # this closure: they are defined as module globals here, when triton is first needed.
-    global _round_to, _rope, _merge
+    global _round_to, _rope, _merge, _grid_wait, _grid_release
+    if interpreting():  # no inline PTX there, and programs run one after another: nothing to order
+
+        @triton.jit
+        def _grid_wait():
+            pass
+
+        @triton.jit
+        def _grid_release():
+            pass
+
+    else:  # griddepcontrol.wait / .launch_dependents: no-ops in a launch without PDL
+        from triton.language.extra.cuda import gdc_launch_dependents as _grid_release
+        from triton.language.extra.cuda import gdc_wait as _grid_wait
 
     @triton.jit
     def _round_to(x, dtype: tl.constexpr):
@@ -181,12 +209,15 @@ def _kernel() -> Any:
         stride_xb, stride_xp, stride_xh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_cs, scale,
         D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, HAS_LOGN: tl.constexpr, MERGE: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         split = tl.program_id(0)
         h = tl.program_id(1)
         b = tl.program_id(2)
         n_heads = tl.num_programs(1)
         dtype = x_ptr.dtype.element_ty
+        if PDL:  # the next launch (c_proj) may start once every program has: it preloads weights, then waits
+            _grid_release()
         pos = tl.load(pos_ptr).to(tl.int32)
         n = pos  # the cache holds slots [0, pos); this token's k, v come from registers (see the merge)
         per = tl.cdiv(tl.cdiv(n, BLOCK), SPLITS) * BLOCK  # slots per split, whole blocks
@@ -196,6 +227,18 @@ def _kernel() -> Any:
         # every program rotates this token's q and k itself (2 x D values)
         c = tl.load(cos_ptr + pos * stride_cs + d)
         sn = tl.load(sin_ptr + pos * stride_cs + d)
+        if PDL:
+            # This program may run while the kernel before it (c_attn, which writes x) still does. Before the
+            # wait it reads only pos, the RoPE tables and cache slots [0, pos). In a decode step all of them were
+            # written before some launch without PDL that precedes this one (the position fill, the embedding,
+            # the previous step's lm_head), and no PDL launch starts before such a launch has ended. So its first
+            # K and V tile loads under the previous kernel's tail; x, logn and every write wait.
+            idx = lo + tl.arange(0, BLOCK)
+            tile = idx[:, None] * stride_ks + d[None, :]
+            k_next = tl.load(k_ptr + b * stride_kb + h * stride_kh + tile, mask=(idx < hi)[:, None], other=0.0)
+            tile = idx[:, None] * stride_vs + d[None, :]
+            v_next = tl.load(v_ptr + b * stride_vb + h * stride_vh + tile, mask=(idx < hi)[:, None], other=0.0)
+            _grid_wait()
         x_base = x_ptr + b * stride_xb + h * stride_xh
         q = _rope(x_base, c, sn, D, dtype)
         if HAS_LOGN:  # the reference multiplies in the activation dtype: one more rounding
@@ -217,9 +260,10 @@ def _kernel() -> Any:
         acc_r = tl.zeros((BLOCK, D), tl.float32)  # running sum of p * v per row
         # Triton does not pipeline loads that feed no tl.dot: the next block's K and V are loaded by hand
         # before this block's math, so two blocks a program are in flight instead of one.
-        idx = lo + tl.arange(0, BLOCK)
-        k_next = tl.load(k_base + idx[:, None] * stride_ks + d[None, :], mask=(idx < hi)[:, None], other=0.0)
-        v_next = tl.load(v_base + idx[:, None] * stride_vs + d[None, :], mask=(idx < hi)[:, None], other=0.0)
+        if not PDL:  # (with PDL: loaded before the wait)
+            idx = lo + tl.arange(0, BLOCK)
+            k_next = tl.load(k_base + idx[:, None] * stride_ks + d[None, :], mask=(idx < hi)[:, None], other=0.0)
+            v_next = tl.load(v_base + idx[:, None] * stride_vs + d[None, :], mask=(idx < hi)[:, None], other=0.0)
         for start in range(lo, hi, BLOCK):
             ok = start + tl.arange(0, BLOCK) < hi
             kt, vt = k_next, v_next
@@ -283,8 +327,8 @@ def launch(
         qkv, k, v, cos, sin, pos, out if logn is None else logn, out, part, cnt,
         qkv.stride(0), qkv.stride(1), qkv.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), cos.stride(0), d**-0.5,
-        D=d, BLOCK=cfg.block, SPLITS=cfg.splits, HAS_LOGN=logn is not None, MERGE=cfg.merge,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        D=d, BLOCK=cfg.block, SPLITS=cfg.splits, HAS_LOGN=logn is not None, MERGE=cfg.merge, PDL=cfg.pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=bool(cfg.pdl),
         enable_fp_fusion=False,  # RoPE's x cos + r sin rounded as torch rounds it (no FMA): the same cached k
     )  # fmt: skip
     return out
@@ -295,15 +339,15 @@ def launch(
 @torch.library.custom_op("qvlq::decode_attention", mutates_args=("k", "v"))
 def _decode_attention_op(
     qkv: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, logn: Tensor | None,
-    block: int, splits: int, num_warps: int, num_stages: int,
+    block: int, splits: int, num_warps: int, num_stages: int, pdl: int,
 ) -> Tensor:  # fmt: skip
     if qkv.device.type == "cuda" or interpreting():
-        return launch(qkv, k, v, cos, sin, pos, logn, Config(block, splits, num_warps, num_stages))
+        return launch(qkv, k, v, cos, sin, pos, logn, Config(block, splits, num_warps, num_stages, pdl))
     return reference(qkv, k, v, cos, sin, pos, logn)
 
 
 @_decode_attention_op.register_fake
-def _(qkv, k, v, cos, sin, pos, logn, block, splits, num_warps, num_stages):
+def _(qkv, k, v, cos, sin, pos, logn, block, splits, num_warps, num_stages, pdl):
     return qkv.new_empty(qkv.shape[0], qkv.shape[2], qkv.shape[3])
 
 
@@ -315,7 +359,7 @@ def decode_attention(
     c_attn output), q times logn, k and v written to cache slot pos, attention over slots 0..pos -> out
     [B, H, D]. The custom op: the Triton kernel on CUDA, `reference` on the CPU."""
     return torch.ops.qvlq.decode_attention(
-        qkv, k, v, cos, sin, pos, logn, cfg.block, cfg.splits, cfg.num_warps, cfg.num_stages
+        qkv, k, v, cos, sin, pos, logn, cfg.block, cfg.splits, cfg.num_warps, cfg.num_stages, cfg.pdl
     )
 
 
@@ -348,7 +392,7 @@ def tune(
     max_len: int,
     dtype: torch.dtype,
     device: torch.device,
-    configs: Sequence[Config] = CONFIGS,
+    configs: Sequence[Config] | None = None,
     layers: int = 8,
 ) -> TuneResult:
     """Time every config on CUDA at the middle of the cache (the mean position of a run that fills it from
@@ -356,6 +400,7 @@ def tune(
     their rounding); and SDPA as the "sdpa" step runs it (all slots, additive mask; alone, while the kernel's
     time includes RoPE and the cache write: the comparison leans to SDPA). `layers` caches rotate so the KV
     read comes from HBM, as in the step."""
+    configs = configs_for(device) if configs is None else configs
     gen = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(batch, 3, heads, head_dim, device=device, generator=gen).to(dtype)
     caches = [

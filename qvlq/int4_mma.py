@@ -132,14 +132,18 @@ PDL_CONFIGS = tuple(c._replace(pdl=1) for c in CONFIGS)
 PDL_CAPABILITY = (9, 0)
 
 
-ENV_PDL = "QVLQ_MMA_PDL"  # 0: the tuners leave PDL_CONFIGS out (an A/B of the decode step)
+ENV_PDL = "QVLQ_PDL"  # 0: no tuner tries PDL launches (mma and decode attention; an A/B of the decode step)
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether the tuners try PDL launches here: CUDA sm_90+, unless $QVLQ_PDL is 0."""
+    off = os.environ.get(ENV_PDL, "").strip() == "0"
+    return not off and device.type == "cuda" and _capability(_index(device)) >= PDL_CAPABILITY
 
 
 def configs_for(device: torch.device) -> tuple[Config, ...]:
-    """The configs tune() tries on this device: CONFIGS, and PDL_CONFIGS on sm_90+ unless $QVLQ_MMA_PDL is 0."""
-    off = os.environ.get(ENV_PDL, "").strip() == "0"
-    pdl = not off and device.type == "cuda" and _capability(_index(device)) >= PDL_CAPABILITY
-    return CONFIGS + (PDL_CONFIGS if pdl else ())
+    """The configs tune() tries on this device: CONFIGS, and PDL_CONFIGS where pdl_enabled."""
+    return CONFIGS + (PDL_CONFIGS if pdl_enabled(device) else ())
 
 
 @functools.cache

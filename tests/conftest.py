@@ -123,11 +123,13 @@ def run_interpreted(test_file: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ Triton compiler
 def triton_cubin(
-    kernel, sig: dict[str, str], constexprs: dict, options: dict, arch: int, divisible: tuple[str, ...] = ()
-) -> bytes:
-    """A @triton.jit kernel compiled for sm_<arch> without a GPU or driver. sig: argument -> Triton type
-    (arguments not named are constexprs). Pointers, `stride` arguments and those in `divisible` are marked
-    multiples of 16, as Triton's JIT specializes them at full size (it is what makes 16-byte loads)."""
+    kernel, sig: dict[str, str], constexprs: dict, options: dict, arch: int, divisible: tuple[str, ...] = (),
+    asm: str = "cubin",
+) -> bytes | str:
+    """A @triton.jit kernel compiled for sm_<arch> without a GPU or driver: its cubin, or asm="ptx". sig:
+    argument -> Triton type (arguments not named are constexprs). Pointers, `stride` arguments and those in
+    `divisible` are marked multiples of 16, as Triton's JIT specializes them at full size (it is what makes
+    16-byte loads)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -140,7 +142,7 @@ def triton_cubin(
         if n.endswith("_ptr") or "stride" in n or n in divisible
     }
     src = ASTSource(kernel, sig, constexprs={k: v for k, v in constexprs.items() if k in names}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm["cubin"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options).asm[asm]
 
 
 def cuobjdump(flag: str, cubin: bytes) -> str:

@@ -120,7 +120,8 @@ def test_unavailable() -> None:
 # ------------------------------------------------------------------------------------------ interpreter
 # (B, H, L, D): one block, a ragged last block, more splits than blocks, head dim 128 as at full size
 SHAPES = [(1, 4, 37, 32), (2, 3, 200, 64), (1, 2, 70, 128)]
-CONFIGS = [A.Config(16, 4, 4), A.Config(32, 8, 2), A.Config(16, 1, 4), A.Config(64, 2, 4, 1)]
+# the PDL config runs its other order (first K/V tile before q) with the interpreter's no-op grid waits
+CONFIGS = [A.Config(16, 4, 4), A.Config(32, 8, 2), A.Config(16, 1, 4), A.Config(64, 2, 4, 1), A.Config(16, 4, 4, pdl=1)]
 
 
 def _interpreter_results() -> dict[str, str | None]:
@@ -262,26 +263,54 @@ def test_kernel_in_interpreter(case: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ compiler
-def compile_cubin(cfg: A.Config, arch: int, dtype: str = "bf16", head_dim: int = 128) -> bytes:
-    """The kernel compiled for sm_<arch> by Triton, without a GPU or driver."""
+def compile_cubin(cfg: A.Config, arch: int, dtype: str = "bf16", head_dim: int = 128, asm: str = "cubin") -> bytes:
+    """The kernel compiled for sm_<arch> by Triton, without a GPU or driver (its cubin, or asm="ptx")."""
     sig = {n: f"*{dtype}" for n in ("x_ptr", "k_ptr", "v_ptr", "logn_ptr", "o_ptr")}
     sig |= {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig |= {n: "i32" for n in A._kernel().arg_names if n.startswith("stride_")} | {"scale": "fp32"}
     constexprs = {"D": head_dim, "BLOCK": cfg.block, "SPLITS": cfg.splits, "HAS_LOGN": True,
-                  "MERGE": cfg.merge}
+                  "MERGE": cfg.merge, "PDL": cfg.pdl}
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": False}
-    return triton_cubin(A._kernel(), sig, constexprs, opts, arch)
+    return triton_cubin(A._kernel(), sig, constexprs, opts, arch, asm=asm)
 
 
 @needs_triton
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_configs_compile_without_spills(arch: int) -> None:
-    for cfg in A.CONFIGS:
+    for cfg in A.CONFIGS + (A.PDL_CONFIGS if arch >= 90 else ()):
         line = cubin_resources(compile_cubin(cfg, arch))
         assert "STACK:0 " in line and "LOCAL:0 " in line, f"{cfg.name}: {line}"
     assert "STACK:0 " in cubin_resources(compile_cubin(A.DEFAULT_CONFIG, arch, "fp16"))
     assert "LDG.E.128" in cuobjdump("-sass", compile_cubin(A.DEFAULT_CONFIG, arch)), "no 16-byte loads of K/V"
+
+
+@needs_triton
+@pytest.mark.slow
+def test_pdl_config_reads_only_static_data_before_its_wait() -> None:
+    """A PDL program may run while c_attn (which writes x) still does. Before griddepcontrol.wait it loads only
+    pos (the one 64-bit load), the cos and sin rows and its first K and V tile (16-byte loads); x and logn are
+    16-bit loads and come after it, as every store and atomic does; it releases the next launch first. The
+    same in ptxas' SASS (ACQBULK is the wait, PREEXIT the release). The plain configs have neither."""
+    import re
+
+    for cfg in A.PDL_CONFIGS:
+        ptx = compile_cubin(cfg, 90, asm="ptx")
+        body = ptx[ptx.find(".entry") :]
+        assert body.count("griddepcontrol.wait") == 1 and body.count("griddepcontrol.launch_dependents") == 1
+        before = body[: body.find("griddepcontrol.wait")]
+        assert "ld.global" not in before[: before.find("griddepcontrol.launch_dependents")], cfg.name
+        kinds = re.findall(r"\bld\.global\.([\w.]+)", before)
+        assert kinds.count("b64") == 1 and sum(k in ("b32", "v2.b32") for k in kinds) == 2, (cfg.name, kinds)
+        assert kinds.count("v4.b32") == len(kinds) - 3 >= 2, (cfg.name, kinds)
+        assert not re.search(r"\b(st|atom|red)\.global", before), cfg.name
+        assert "ld.global.b16" in body[len(before) :], cfg.name
+        sass = cuobjdump("-sass", compile_cubin(cfg, 90))
+        pre = sass[: sass.find("ACQBULK")]
+        assert "ACQBULK" in sass and "PREEXIT" in pre and "LDG.E.128" in pre, cfg.name
+        assert not re.search(r"LDG\.E\.U16|\b(STG|ATOMG|REDG|RED)\.", pre), cfg.name
+    assert "griddepcontrol" not in compile_cubin(A.DEFAULT_CONFIG, 90, asm="ptx")
+    assert A.Config(8, 32, 4, pdl=1).name == "b8s32w4st2-pdl" and A.configs_for(torch.device("cpu")) == A.CONFIGS
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -298,12 +327,63 @@ def test_full_geometry_on_cuda(pos: int, dtype: torch.dtype) -> None:
     logn = torch.tensor([1.1], device="cuda").to(dtype)
     ref_c = c.clone()
     ref = A.reference(*ref_c, p, logn, torch.float32)
-    for cfg in A.CONFIGS:
+    for cfg in A.configs_for(c.k.device):  # with the PDL launches on sm_90+
         got_c = c.clone()
         y = A.launch(*got_c, p, logn, cfg)
         assert mismatch(y, ref) is None, (cfg.name, mismatch(y, ref))
         assert torch.equal(got_c.k, ref_c.k) and torch.equal(got_c.v, ref_c.v), cfg.name  # RoPE'd k bit for bit
     assert int(A.counters(c.k.device).abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_pdl_attention_in_a_dependent_chain_matches_plain_launches() -> None:
+    """As in the decode step: a PDL mma launch writes qkv, the PDL attention reads it (after loading its first
+    K/V tile before the wait), a PDL mma launch with the residual reads its output; 3 layers, and steps apart
+    by the position's increment (a launch without PDL, as the engine's lm_head and embedding are). Eager and
+    captured in one CUDA graph, every output and cache bit for bit the plain launches'."""
+    from test_int4_mma import random_packed
+
+    from qvlq import int4_mma as M
+
+    if torch.cuda.get_device_capability() < M.PDL_CAPABILITY:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    h, d, length = 32, 128, 600
+    c_attn, _ = random_packed(3 * h * d, h * d, 128, torch.bfloat16, seed=1, device="cuda")
+    c_proj, _ = random_packed(h * d, h * d, 128, torch.bfloat16, seed=2, device="cuda")
+    layers = [Case(*(t.cuda() for t in case(1, h, length, d, torch.bfloat16, seed=s))) for s in range(3)]
+    x0 = torch.randn(1, h * d, device="cuda", generator=torch.Generator("cuda").manual_seed(3)).bfloat16()
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def run(pdl: int) -> list[torch.Tensor]:
+        caches = [c.clone() for c in layers]
+        pos.fill_(400)
+        x, outs = x0, []
+        for _ in range(6):
+            for c in caches:
+                qkv = M.gemv(x, c_attn, None, M.Config(4, 1, pdl=pdl))
+                o = A.launch(qkv.view(1, 3, h, d), c.k, c.v, c.cos, c.sin, pos, None, A.Config(8, 32, 4, pdl=pdl))
+                x = M.gemv(o.view(1, h * d), c_proj, None, M.Config(8, 1, 1, 2, resid=1, pdl=pdl), None, 0.0, x)
+                outs.append(o)
+            pos.add_(1)
+        return [x, *outs, *(t for c in caches for t in (c.k, c.v))]
+
+    want = run(0)
+    assert bool(torch.isfinite(want[0]).all())
+    assert all(torch.equal(g, w) for g, w in zip(run(1), want, strict=True))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run(1)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = run(1)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert int(A.counters(pos.device).abs().sum()) == 0
 
 
 @pytest.mark.gpu
