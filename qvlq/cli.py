@@ -340,7 +340,8 @@ def profile_cmd(
     window_tokens: Annotated[int, typer.Option(help="Decoded tokens per window.")] = 64,
     window_points: Annotated[int, typer.Option(help="Windows per windowed cell.")] = 5,
     warmup_tokens: Annotated[int, typer.Option(help="Tokens of the warm-up run (0 = full length).")] = 64,
-    crosscheck_tokens: Annotated[int, typer.Option(help="Leading greedy tokens compared across engines.")] = 32,
+    crosscheck_tokens: Annotated[int, typer.Option(
+        help="Leading greedy tokens compared across engines (one engine: against a short HF-loop run).")] = 32,
     fast_compile: Annotated[
         str, typer.Option(help="FastEngine compile: auto, off (CUDA graph of the eager step), on, or a mode.")
     ] = "auto",

@@ -89,6 +89,9 @@ PRIOR_TOK_S = {"hf": 30.0, "fast": 100.0}  # budget planning before anything was
 FULL_SIZE_PARAMS = 1_000_000_000  # above this, a CPU profile is refused
 
 
+REFERENCE = "hf (reference run)"  # the cross-check's other side when only one engine is profiled
+
+
 class ProfileRefused(ValueError):
     """A profile that cannot reasonably run (full size on CPU, contexts too short...), one line."""
 
@@ -835,6 +838,29 @@ class _Profiler:
                 with contextlib.suppress(Exception):
                     torch._dynamo.reset()
             free_memory(self.device)
+        if "hf" not in s.engines:
+            self.reference_tokens(model, tokenizer, pixels, prec, deadline)
+
+    def reference_tokens(self, model: Any, tokenizer: Any, pixels: torch.Tensor, prec: str,
+                         deadline: float | None) -> None:  # fmt: skip
+        """The HF loop's first crosscheck_tokens greedy tokens on the same prompt (one short run, ~1-2 s at full
+        size on a GPU): a profile without the hf engine still says whether its engines decode the right tokens."""
+        n = self.s.crosscheck_tokens
+        if not n or not any(k[0] == prec for k in self.first_tokens):
+            return
+        if deadline is not None and deadline - time.monotonic() < 20:
+            self.log(f"{prec}: no reference tokens (budget)")
+            return
+        ids = torch.tensor([prompt_ids(tokenizer)], device=self.device)
+        engine = None
+        try:
+            engine = make_engine("hf", model, ids.shape[1] + n)
+            self.first_tokens[(prec, REFERENCE, 0)] = timed_generate(engine, ids, pixels, n, self.device).tokens[:n]
+        except Exception as e:  # the measured cells stand without it
+            self.log(f"{prec}: no reference tokens: {self._error(e)}")
+        finally:
+            del engine
+            free_memory(self.device)
 
     def _error(self, e: BaseException) -> str:
         """Status text for an unexpected failure; the traceback goes to the log."""
@@ -850,14 +876,15 @@ class _Profiler:
             self._memory_cell(prec, name, cell, context).status = status
 
     def crosschecks(self) -> list[CrossCheck]:
+        """The first two engines' leading tokens per (precision, context); with one engine, its tokens against
+        the HF loop's reference run (reference_tokens)."""
         out = []
-        if len(self.s.engines) < 2:
-            return out
-        a, b = self.s.engines[:2]
+        a, b = (self.s.engines[:2] if len(self.s.engines) > 1 else [self.s.engines[0], REFERENCE])
         precs = list(dict.fromkeys(m.precision for m in self.models))
         for prec in precs:
             for c in self.s.contexts:
-                ta, tb = self.first_tokens.get((prec, a, c)), self.first_tokens.get((prec, b, c))
+                ta = self.first_tokens.get((prec, a, c))
+                tb = self.first_tokens.get((prec, b, 0 if b == REFERENCE else c))
                 if ta is None or tb is None:
                     continue
                 n = min(len(ta), len(tb))

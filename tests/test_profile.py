@@ -139,6 +139,16 @@ def test_tiny_profile_end_to_end(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_one_engine_is_checked_against_a_reference_run():
+    """Without the hf engine, each fast cell's leading tokens are compared with one short HF-loop run per
+    precision on the same prompt (the same first tokens at every context)."""
+    s = ProfileSettings(**TINY, contexts=[292, 296], engines=["fast"], precisions=["bf16", "int4"])
+    report = run_profile(s)
+    got = [(x.precision, x.context, x.engines, x.compared, x.agree) for x in report.crosschecks]
+    assert got == [(p, c, ["fast", prof.REFERENCE], 8, 8) for p in ("bf16", "int4") for c in (292, 296)]
+    assert [c.status for c in report.speed] == ["ok"] * 4
+
+
 def test_cli_profile_json(tmp_path):
     out = tmp_path / "cli"
     args = ["profile", "--random-weights", "tiny", "--precisions", "int4", "--engine", "hf", "--contexts", "292",
