@@ -338,10 +338,11 @@ def test_full_geometry_on_cuda(pos: int, dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_pdl_attention_in_a_dependent_chain_matches_plain_launches() -> None:
-    """As in the decode step: a PDL mma launch writes qkv, the PDL attention reads it (after loading its first
-    K/V tile before the wait), a PDL mma launch with the residual reads its output; 3 layers, and steps apart
-    by the position's increment (a launch without PDL, as the engine's lm_head and embedding are). Eager and
-    captured in one CUDA graph, every output and cache bit for bit the plain launches'."""
+    """As in the fused decode step: a PDL norm -> c_attn mma launch writes qkv (the norm keeps the chain's
+    values bounded), the PDL attention reads it (after loading its first K/V tile before the wait), a PDL mma
+    launch with the residual reads its output; 3 layers, and steps apart by the position's increment (a launch
+    without PDL, as the engine's lm_head and embedding are). Eager and captured in one CUDA graph, every output
+    and cache bit for bit the plain launches'. (Run on CPU, emulated and interpreted, at h=16 d=64: equal.)"""
     from test_int4_mma import random_packed
 
     from qvlq import int4_mma as M
@@ -354,6 +355,7 @@ def test_pdl_attention_in_a_dependent_chain_matches_plain_launches() -> None:
     layers = [Case(*(t.cuda() for t in case(1, h, length, d, torch.bfloat16, seed=s))) for s in range(3)]
     x0 = torch.randn(1, h * d, device="cuda", generator=torch.Generator("cuda").manual_seed(3)).bfloat16()
     pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    gamma = (1 + 0.1 * torch.randn(h * d, device="cuda", generator=torch.Generator("cuda").manual_seed(4))).bfloat16()
 
     def run(pdl: int) -> list[torch.Tensor]:
         caches = [c.clone() for c in layers]
@@ -361,7 +363,7 @@ def test_pdl_attention_in_a_dependent_chain_matches_plain_launches() -> None:
         x, outs = x0, []
         for _ in range(6):
             for c in caches:
-                qkv = M.gemv(x, c_attn, None, M.Config(4, 1, pdl=pdl))
+                qkv = M.gemv(x, c_attn, None, M.Config(4, 1, norm=h * d, pdl=pdl), gamma, 1e-6)
                 o = A.launch(qkv.view(1, 3, h, d), c.k, c.v, c.cos, c.sin, pos, None, A.Config(8, 32, 4, pdl=pdl))
                 x = M.gemv(o.view(1, h * d), c_proj, None, M.Config(8, 1, 1, 2, resid=1, pdl=pdl), None, 0.0, x)
                 outs.append(o)
