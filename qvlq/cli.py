@@ -79,11 +79,24 @@ def init_checkpoint_cmd(
         )
 
 
-def load_model_and_tokenizer(model_dir: str, device: str | None, dtype: str) -> tuple[Any, Any]:
-    from .model.loading import load_model_and_tokenizer as load
+INT4_KERNELS = (
+    "fastest (CUDA: time every usable kernel per shape, keep the fastest), int4_cuda, triton, mma, int4_cpu, dequant"
+)
+INT4_AUTO = "auto (CUDA: $QVLQ_INT4_BACKEND, else int4_cuda; CPU: dequant)"
 
+
+def load_model_and_tokenizer(
+    model_dir: str, device: str | None, dtype: str, int4_kernel: str = "auto"
+) -> tuple[Any, Any]:  # fmt: skip
+    from .int4 import backend_problem
+    from .model.loading import load_model_and_tokenizer as load
+    from .model.loading import resolve_device
+
+    problem = backend_problem(int4_kernel, resolve_device(device))
+    if problem:
+        raise ValueError(f"--int4-kernel {problem}")
     with console.status(f"loading {model_dir}"):
-        return load(model_dir, device, dtype)
+        return load(model_dir, device, dtype, int4_kernel)
 
 
 @app.command("chat")
@@ -104,12 +117,13 @@ def chat_cmd(
     engine: Annotated[
         str, typer.Option(help="auto (CUDA: static cache + CUDA graph; else the HF loop), hf or fast.")
     ] = "auto",
+    int4_kernel: Annotated[str, typer.Option(help=f"Int4 layers: {INT4_KERNELS} or {INT4_AUTO}.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
 ) -> None:
     """Chat with a Qwen-VL-Chat model (one question, or interactive multi-turn without one)."""
     from .chat import chat_stream, draw_on_latest_picture
 
-    model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype)
+    model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype, int4_kernel)
     items = [{"image": p} for p in image or []]
     history: list[tuple[str, str]] = []
 
@@ -360,8 +374,7 @@ def profile_cmd(
     ] = "block",  # fmt: skip
     int4_kernel: Annotated[
         str | None,
-        typer.Option(help="Int4 layers: fastest (time every usable CUDA kernel per shape, keep the fastest), "
-                     "int4_cuda, triton, mma, dequant or auto. Default: $QVLQ_INT4_BACKEND, else fastest."),
+        typer.Option(help=f"Int4 layers: {INT4_KERNELS} or auto. Default: $QVLQ_INT4_BACKEND, else fastest."),
     ] = None,  # fmt: skip
     seed: Annotated[int, typer.Option(help="Seed of the random weights and pixels.")] = 0,
     render: Annotated[
@@ -552,6 +565,7 @@ def compare_cmd(
     engine: Annotated[
         str, typer.Option(help="Decoding: auto (CUDA: static cache + CUDA graph; else the HF loop), hf or fast.")
     ] = "auto",
+    int4_kernel: Annotated[str, typer.Option(help=f"The Int4 model's layers: {INT4_KERNELS} or {INT4_AUTO}.")] = "auto",
     cache: Annotated[Path | None, typer.Option(help="Response/judge cache directory (default OUT/cache).")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Report directory (default reports/compare/<bf16>-vs-<int4>).")
@@ -571,7 +585,7 @@ def compare_cmd(
         bf16=bf16, int4=int4, data=str(data), category=category, task=task, lang=lang, limit=limit, seed=seed,
         max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, judge=judge,
         judge_url=judge_url, judge_model=judge_model, judge_key_env=judge_key_env, judge_workers=judge_workers,
-        device=device, dtype=dtype, engine=engine, cache=str(cache) if cache else None,
+        device=device, dtype=dtype, engine=engine, int4_kernel=int4_kernel, cache=str(cache) if cache else None,
         out=str(out_dir) if out_dir else None,
     )  # fmt: skip
     with Progress(
@@ -587,7 +601,7 @@ def compare_cmd(
 
         result = cmp.run_compare(
             settings, shard=cmp.parse_shard(shard) if shard else None, merge_only=merge, progress=progress,
-            loader=lambda d: load_model_and_tokenizer(d, device, dtype),
+            loader=lambda d: load_model_and_tokenizer(d, device, dtype, int4_kernel),
         )  # fmt: skip
     if result.report is None:
         sh = result.shard

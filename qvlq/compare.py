@@ -96,6 +96,9 @@ class CompareSettings:
     # decode engine (qvlq.fast.engine_for). Not in decoding(): the engines give the same greedy tokens (tested),
     # so a cache filled by one serves the other.
     engine: str = "auto"
+    # the Int4 model's kernels (qvlq.int4.BACKENDS). Not in decoding() either: they differ only in the order of
+    # fp32 sums, so a cache filled with one serves the others.
+    int4_kernel: str = "auto"
     cache: str | None = None
     out: str | None = None
 
@@ -108,6 +111,12 @@ class CompareSettings:
             raise CompareError("--sample needs --temperature > 0 and 0 < --top-p <= 1")
         if self.engine not in CHAT_ENGINES:
             raise CompareError(f"--engine must be one of {', '.join(CHAT_ENGINES)}, got {self.engine!r}")
+        from .int4 import backend_problem
+        from .model.loading import resolve_device
+
+        problem = backend_problem(self.int4_kernel, resolve_device(self.device))
+        if problem:
+            raise CompareError(f"--int4-kernel {problem}")
         if self.judge_retries < 0 or self.judge_workers < 1 or self.judge_timeout <= 0:
             raise CompareError("--judge-retries >= 0, --judge-workers >= 1 and --judge-timeout > 0 are required")
 
@@ -321,13 +330,11 @@ def teacher_force(
     )
 
 
-def default_loader(device: str | None, dtype: str) -> Loader:
+def default_loader(device: str | None, dtype: str, int4_kernel: str = "auto") -> Loader:
     def load(model_dir: str) -> tuple[Any, Any]:
-        from .model.modeling import QWenLMHeadModel
-        from .tokenizer import QWenTokenizer
+        from .model.loading import load_model_and_tokenizer
 
-        model = QWenLMHeadModel.from_pretrained(model_dir, device=device, dtype=dtype)
-        return model, QWenTokenizer.from_pretrained(model_dir)
+        return load_model_and_tokenizer(model_dir, device, dtype, int4_kernel)
 
     return load
 
@@ -379,7 +386,7 @@ def _run_shard(
     part = _part_name(rank, world)
     gens = JsonlCache(plan.cache_dir, "generations", part, GEN_KEY)
     tfs = JsonlCache(plan.cache_dir, "teacher_forcing", part, TF_KEY)
-    load = loader or default_loader(s.device, s.dtype)
+    load = loader or default_loader(s.device, s.dtype, s.int4_kernel)
     loaded: dict[str, tuple[Any, Any]] = {}
 
     def model(m: str) -> tuple[Any, Any]:

@@ -50,6 +50,17 @@ ENV_CANDIDATES = "QVLQ_INT4_CANDIDATES"  # e.g. int4_cuda,mma: what "fastest" ti
 FASTEST: dict[tuple[int, int, int, str], dict[str, Any]] = {}
 
 
+def backend_problem(backend: str, device: torch.device) -> str | None:
+    """Why the Int4 layers cannot run `backend` on `device` (a phrase for an option's name to lead), else None."""
+    if backend not in BACKENDS:
+        return f"must be one of {', '.join(BACKENDS)}, got {backend!r}"
+    if device.type != "cuda" and backend in CUDA_KERNELS:
+        return f"{backend} needs a CUDA device; on {device} use fastest, auto or dequant"
+    if device.type == "cuda" and backend == "int4_cpu":
+        return f"int4_cpu runs on the CPU; on {device} use fastest, auto, {', '.join(CUDA_KERNELS)} or dequant"
+    return None
+
+
 def env_backend() -> str | None:
     """The backend QVLQ_INT4_BACKEND asks 'auto' to use on CUDA, or None when unset."""
     value = os.environ.get(ENV_BACKEND, "").strip()

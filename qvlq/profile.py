@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .int4 import int4_backends
+from .int4 import backend_problem, int4_backends
 from .int4_mma import variant_selection
 from .measure import (
     LatencyStats,
@@ -404,10 +404,6 @@ class ProfileSettings:
         bad = [p for p in self.precisions if p not in ("bf16", "int4")]
         if bad or not self.precisions:
             raise ProfileRefused(f"--precisions takes bf16 and/or int4, got {','.join(self.precisions) or 'nothing'}")
-        from .int4 import BACKENDS
-
-        if self.int4_kernel not in BACKENDS:
-            raise ProfileRefused(f"--int4-kernel must be one of {', '.join(BACKENDS)}, got {self.int4_kernel!r}")
         bad = [e for e in self.engines if e not in ("hf", "fast")]
         if bad or not self.engines:
             raise ProfileRefused(f"--engine takes hf, fast or both, got {','.join(self.engines) or 'nothing'}")
@@ -935,9 +931,9 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
     device = resolve_device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ProfileRefused(f"device {device} requested but CUDA is not available")
-    if device.type != "cuda" and s.int4_kernel in ("int4_cuda", "triton", "mma"):
-        raise ProfileRefused(f"--int4-kernel {s.int4_kernel} needs a CUDA device; on {device} use fastest, auto or "
-                             "dequant")  # fmt: skip
+    problem = backend_problem(s.int4_kernel, device)
+    if problem:
+        raise ProfileRefused(f"--int4-kernel {problem}")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # events and streams follow the current device
     started = datetime.now().isoformat(timespec="seconds")

@@ -258,7 +258,7 @@ def preloaded(monkeypatch, tiny_dir, tiny_model, tokenizer) -> None:
     """The CLI gets the session's tiny model instead of loading it again (loading has its own tests)."""
     import qvlq.cli
 
-    def load(model_dir: str, device, dtype):
+    def load(model_dir: str, device, dtype, int4_kernel="auto"):
         assert model_dir == str(tiny_dir)
         return tiny_model, tokenizer
 
@@ -275,7 +275,7 @@ def test_cli_chat_one_question(tiny_dir, tiny_model, tokenizer, image_file, monk
     want, _ = chat(tiny_model, tokenizer, query, do_sample=False, max_new_tokens=3)
     assert result.stdout == want + "\n"
 
-    monkeypatch.setattr(qvlq.cli, "load_model_and_tokenizer", lambda d, device, dtype: (tiny_model, tokenizer))
+    monkeypatch.setattr(qvlq.cli, "load_model_and_tokenizer", lambda *a: (tiny_model, tokenizer))
     result = _run([*args, "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -358,6 +358,13 @@ def test_cli_chat_refuses_an_unknown_engine(tiny_dir, preloaded) -> None:
     result = _run(["chat", str(tiny_dir), "hello", "--engine", "vllm"])
     assert result.exit_code != 0
     assert "unknown engine 'vllm'" in result.output and "Traceback" not in result.output
+
+
+def test_cli_chat_checks_the_int4_kernel_before_loading(tiny_dir) -> None:
+    for kernel, msg in (("marlin", "--int4-kernel must be one of auto, fastest"),
+                        ("mma", "--int4-kernel mma needs a CUDA device; on cpu use")):  # fmt: skip
+        result = _run(["chat", str(tiny_dir), "hello", "--device", "cpu", "--int4-kernel", kernel])
+        assert result.exit_code == 2 and msg in result.output and "Traceback" not in result.output, result.output
 
 
 @pytest.mark.gpu

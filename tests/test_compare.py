@@ -466,6 +466,16 @@ def test_cli_json(single, models, tsv):
     assert shard.exit_code == 0 and json.loads(shard.stdout)["generated"] == {"bf16": 0, "int4": 0}
 
 
+def test_int4_kernel_reaches_the_int4_layers(models):
+    """--int4-kernel (CompareSettings.int4_kernel) is the backend the loader prepares the Int4 model's layers with."""
+    from qvlq.compare import default_loader
+    from qvlq.int4 import int4_backends
+
+    for kernel, want in (("auto", "dequant"), ("int4_cpu", "int4_cpu")):  # CPU: auto means dequant
+        model, _ = default_loader("cpu", "auto", kernel)(str(models[1]))
+        assert set(int4_backends(model)) == {want}
+
+
 def test_cli_bad_input_is_one_line_exit_2(models, tsv, tmp_path):
     no_cols = tmp_path / "bad.tsv"
     no_cols.write_text("index\tquestion\n0\thello\n")
@@ -477,6 +487,8 @@ def test_cli_bad_input_is_one_line_exit_2(models, tsv, tmp_path):
         "not a GPTQ checkpoint": ["compare", "--bf16", str(models[0]), "--int4", str(models[0]), "--data", str(tsv)],
         "--shard takes i/n": [*base, "--data", str(tsv), "--shard", "2/2"],
         "--judge must be none or openai": [*base, "--data", str(tsv), "--judge", "gpt"],
+        "--int4-kernel triton needs a CUDA device": [*base, "--data", str(tsv), "--device", "cpu", "--int4-kernel",
+                                                     "triton"],  # fmt: skip
     }
     for msg, args in cases.items():
         r = CliRunner().invoke(app, args)

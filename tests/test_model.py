@@ -945,7 +945,7 @@ def test_cli_bad_images(tiny_dir, tiny_model, tokenizer, bad_inputs, monkeypatch
     import qvlq.cli
 
     # the session's model instead of a reload (the CLI's loading is covered by the bad-dir cases)
-    monkeypatch.setattr(qvlq.cli, "load_model_and_tokenizer", lambda d, device, dtype: (tiny_model, tokenizer))
+    monkeypatch.setattr(qvlq.cli, "load_model_and_tokenizer", lambda *a: (tiny_model, tokenizer))
     args = ["chat", str(tiny_dir), "--image", bad_inputs[case], "what?", "--greedy", "--max-new-tokens", "2"]
     _assert_clean_error(_cli(args), needle)
 

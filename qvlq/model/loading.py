@@ -215,11 +215,14 @@ def load_pretrained(cls: type, name_or_path: Any, **kwargs: Any) -> Any:
     return model
 
 
-def load_model_and_tokenizer(model_dir: Any, device: Any = None, dtype: Any = "auto") -> tuple[Any, Any]:
-    """(QWenLMHeadModel, QWenTokenizer) from one official-layout directory or hub id."""
+def load_model_and_tokenizer(
+    model_dir: Any, device: Any = None, dtype: Any = "auto", int4_backend: str = "auto"
+) -> tuple[Any, Any]:  # fmt: skip
+    """(QWenLMHeadModel, QWenTokenizer) from one official-layout directory or hub id; an Int4 model's layers
+    on `int4_backend` (qvlq.int4.BACKENDS)."""
     from ..tokenizer import QWenTokenizer
     from .modeling import QWenLMHeadModel
 
     path = resolve_model_dir(model_dir)
-    model = QWenLMHeadModel.from_pretrained(path, device=device, dtype=dtype)
+    model = QWenLMHeadModel.from_pretrained(path, device=device, dtype=dtype, int4_backend=int4_backend)
     return model, QWenTokenizer.from_pretrained(str(path))
