@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from conftest import cubin_resources, cuobjdump, run_interpreted, triton_cubin
 
 from qvlq import decode_attention as A
-from qvlq.int4_triton import mismatch, triton_error
+from qvlq.int4_triton import mismatch, precompile, triton_error
 from qvlq.model.modeling import apply_rope, rope_cos_sin
 
 HAS_CUDA = torch.cuda.is_available()
@@ -327,7 +327,10 @@ def test_full_geometry_on_cuda(pos: int, dtype: torch.dtype) -> None:
     logn = torch.tensor([1.1], device="cuda").to(dtype)
     ref_c = c.clone()
     ref = A.reference(*ref_c, p, logn, torch.float32)
-    for cfg in A.configs_for(c.k.device):  # with the PDL launches on sm_90+
+    cfgs = A.configs_for(c.k.device)  # with the PDL launches on sm_90+
+    scratch = c.clone()  # compiled in threads first, as tune() does (a step's budget: ~24 configs a dtype)
+    precompile([functools.partial(A.launch, *scratch, p, logn, cfg) for cfg in cfgs], c.k.device)
+    for cfg in cfgs:
         got_c = c.clone()
         y = A.launch(*got_c, p, logn, cfg)
         assert mismatch(y, ref) is None, (cfg.name, mismatch(y, ref))
