@@ -86,6 +86,7 @@ if want 3; then
         PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 --windowed '' \
         --attention "$ATTENTION" --fuse "${FUSE:-block}" ${KV_BLOCK:+--kv-block "$KV_BLOCK"} >/dev/null 2>&1
     say "3. rc=$?; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
+    say "3. greedy tokens against the HF loop: $(grep -E 'reference run' "$OUT/profile-full.log" | tr -s ' ' | tr '\n' ' ')"
 fi
 
 if want 1 && (( $(left) >= 40 )); then
