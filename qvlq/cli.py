@@ -88,13 +88,8 @@ INT4_AUTO = "auto (CUDA: $QVLQ_INT4_BACKEND, else int4_cuda; CPU: dequant)"
 def load_model_and_tokenizer(
     model_dir: str, device: str | None, dtype: str, int4_kernel: str = "auto"
 ) -> tuple[Any, Any]:  # fmt: skip
-    from .int4 import backend_problem
     from .model.loading import load_model_and_tokenizer as load
-    from .model.loading import resolve_device
 
-    problem = backend_problem(int4_kernel, resolve_device(device))
-    if problem:
-        raise ValueError(f"--int4-kernel {problem}")
     with console.status(f"loading {model_dir}"):
         return load(model_dir, device, dtype, int4_kernel)
 
@@ -122,7 +117,12 @@ def chat_cmd(
 ) -> None:
     """Chat with a Qwen-VL-Chat model (one question, or interactive multi-turn without one)."""
     from .chat import chat_stream, draw_on_latest_picture
+    from .int4 import backend_problem
+    from .model.loading import resolve_device
 
+    problem = backend_problem(int4_kernel, resolve_device(device))  # compare's settings check it likewise
+    if problem:
+        raise ValueError(f"--int4-kernel {problem}")
     model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype, int4_kernel)
     items = [{"image": p} for p in image or []]
     history: list[tuple[str, str]] = []
