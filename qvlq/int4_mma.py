@@ -51,16 +51,20 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import hashlib
 import os
 import site
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from qvlq import int4_triton
+from qvlq.io import atomic_write_bytes, user_cache_dir
 from qvlq.model.modeling import rms_norm  # what the norm prologue computes
 
 CHUNK = 64  # inputs per 16-byte lane load (4 mma tiles of 16)
@@ -874,6 +878,10 @@ def defines(dtype: torch.dtype, group_size: int, cfg: Config) -> dict[str, str]:
     }
 
 
+def _options(arch: str, defs: dict[str, str]) -> list[str]:
+    return [f"--gpu-architecture={arch}", "--std=c++17", *(f"-D{k}={v}" for k, v in defs.items())]
+
+
 def compile_cubin(arch: str, defs: dict[str, str]) -> bytes:
     """SOURCE -> CUBIN for arch (e.g. "sm_90") with NVRTC; a compile error raises with NVRTC's log."""
     lib = _nvrtc()
@@ -891,7 +899,7 @@ def compile_cubin(arch: str, defs: dict[str, str]) -> bytes:
 
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"qvlq_int4_mma.cu", 0, None, None), "create")
     try:
-        opts = [f"--gpu-architecture={arch}", "--std=c++17", *(f"-D{k}={v}" for k, v in defs.items())]
+        opts = _options(arch, defs)
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         check(lib.nvrtcCompileProgram(prog, len(opts), arr), "compile")
         size = ctypes.c_size_t()
@@ -901,6 +909,64 @@ def compile_cubin(arch: str, defs: dict[str, str]) -> bytes:
         return buf.raw
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@functools.cache
+def nvrtc_version() -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    rc = _nvrtc().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return f"{major.value}.{minor.value}" if rc == 0 else "unknown"
+
+
+ELF_MAGIC = b"\x7fELF"
+
+
+def cache_path(arch: str, defs: dict[str, str]) -> Path | None:
+    """Where cubin() keeps the CUBIN of (SOURCE, arch, defs) for this NVRTC; None with the cache off."""
+    root = user_cache_dir()
+    if root is None:
+        return None
+    key = hashlib.sha256(repr((SOURCE, _options(arch, defs), nvrtc_version())).encode()).hexdigest()[:32]
+    return root / "int4_mma" / f"{arch}-{key}.cubin"
+
+
+@functools.cache
+def cubin(arch: str, dtype: torch.dtype, group_size: int, cfg: Config) -> bytes:
+    """compile_cubin of one config, kept in memory and on disk (io.user_cache_dir()): a tune compiles some 50
+    configs at ~0.3 s each, and every later process (the next engine build or benchmark step) reuses them."""
+    defs = defines(dtype, group_size, cfg)
+    path = cache_path(arch, defs)
+    if path is not None:
+        try:
+            data = path.read_bytes()
+            if data[:4] == ELF_MAGIC:  # anything else (a truncated copy, a stray file) is rebuilt
+                return data
+        except OSError:
+            pass
+    data = compile_cubin(arch, defs)
+    if path is not None:
+        try:
+            atomic_write_bytes(path, data)
+        except OSError:  # a read-only cache: this process still has it in memory
+            pass
+    return data
+
+
+def precompile(
+    device_index: int, dtype: torch.dtype, group_size: int, configs: Sequence[Config], workers: int = 8
+) -> None:
+    """cubin() of each config in threads (NVRTC runs outside the GIL): a cold tune's compiles take ~1/cores of
+    the time. Errors are left for the tuner, which meets them again one config at a time and records them."""
+    arch = "sm_{}{}".format(*_capability(device_index))
+
+    def build(cfg: Config) -> None:
+        try:
+            cubin(arch, dtype, group_size, cfg)
+        except Exception:  # reported by the tuner
+            pass
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(configs), os.cpu_count() or 1))) as pool:
+        list(pool.map(build, configs))
 
 
 def _check_cu(rc: int, what: str) -> None:
@@ -922,8 +988,7 @@ def _function(device_index: int, dtype: torch.dtype, group_size: int, cfg: Confi
 
 @functools.cache
 def _module(device_index: int, dtype: torch.dtype, group_size: int, cfg: Config) -> ctypes.c_void_p:
-    major, minor = torch.cuda.get_device_capability(device_index)
-    cubin = compile_cubin(f"sm_{major}{minor}", defines(dtype, group_size, cfg))
+    data = cubin("sm_{}{}".format(*_capability(device_index)), dtype, group_size, cfg)
     cu = _cuda()
     with torch.cuda.device(device_index):
         ctx = ctypes.c_void_p()
@@ -934,7 +999,7 @@ def _module(device_index: int, dtype: torch.dtype, group_size: int, cfg: Config)
         if not ctx.value:
             raise RuntimeError("no current CUDA context on this thread for the int4_mma kernel")
         module = ctypes.c_void_p()
-        _check_cu(cu.cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
+        _check_cu(cu.cuModuleLoadData(ctypes.byref(module), data), "cuModuleLoadData")
     _MODULES.append(module)
     return module
 
@@ -1167,6 +1232,7 @@ def tune(p: Packed, bias: Tensor | None = None, calls: int = 200, repeats: int =
     seconds: dict[str, float] = {}
     dropped: dict[str, str] = {}
     configs = configs_for(dev)
+    precompile(_index(dev), p.dtype, p.group_size, configs)
     for cfg in configs:
         if p.out_features % (16 * cfg.tiles):
             dropped[cfg.name] = f"out_features not a multiple of {16 * cfg.tiles}"
@@ -1230,6 +1296,9 @@ def tune_variant(
     seconds: dict[str, float] = {}
     dropped: dict[str, str] = {}
     by_name: dict[str, Config] = {}
+    if dev.type == "cuda":
+        fitting = (variant(c._replace(glu=0, norm=0, resid=0), p.group_size, **flags) for c in candidates)
+        precompile(_index(dev), p.dtype, p.group_size, [v for v in fitting if v is not None])
     for base in candidates:
         base = base._replace(glu=0, norm=0, resid=0)
         v = variant(base, p.group_size, **flags)

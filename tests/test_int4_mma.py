@@ -620,6 +620,99 @@ def test_missing_nvrtc_is_a_clear_error(monkeypatch):
         M._nvrtc.cache_clear()
 
 
+@pytest.fixture
+def fake_nvrtc(monkeypatch, tmp_path):
+    """cubin() over a counting stand-in for NVRTC, its disk cache in tmp_path; the memory cache cleared around."""
+    calls: list[tuple[str, str]] = []
+
+    def compile_cubin(arch: str, defs: dict[str, str]) -> bytes:
+        calls.append((arch, defs["WARPS"]))
+        if defs["WARPS"] == "16":
+            raise RuntimeError("NVRTC compile: planted error")
+        return M.ELF_MAGIC + repr((arch, sorted(defs.items()))).encode()
+
+    monkeypatch.setattr(M, "compile_cubin", compile_cubin)
+    monkeypatch.setattr(M, "nvrtc_version", lambda: "13.0")
+    monkeypatch.setenv("QVLQ_CACHE_DIR", str(tmp_path / "cache"))
+    M.cubin.cache_clear()
+    yield calls
+    M.cubin.cache_clear()
+
+
+def test_cubin_is_compiled_once_and_reused_from_disk(fake_nvrtc, monkeypatch, tmp_path):
+    bf16, cfg = torch.bfloat16, M.DEFAULT_CONFIG
+    first = M.cubin("sm_90", bf16, 128, cfg)
+    assert M.cubin("sm_90", bf16, 128, cfg) == first and len(fake_nvrtc) == 1  # memory
+    files = list((tmp_path / "cache" / "int4_mma").glob("sm_90-*.cubin"))
+    assert len(files) == 1 and files[0].read_bytes() == first
+    M.cubin.cache_clear()  # a new process
+    assert M.cubin("sm_90", bf16, 128, cfg) == first and len(fake_nvrtc) == 1  # disk
+
+    # anything the CUBIN depends on is in the key: config, dtype, group, arch, NVRTC version, source
+    for args in (("sm_90", bf16, 128, M.CONFIGS[0]), ("sm_90", torch.float16, 128, cfg), ("sm_90", bf16, 64, cfg),
+                 ("sm_80", bf16, 128, cfg)):  # fmt: skip
+        M.cubin(*args)
+    assert len(fake_nvrtc) == 5
+    M.cubin.cache_clear()
+    monkeypatch.setattr(M, "nvrtc_version", lambda: "13.1")
+    M.cubin("sm_90", bf16, 128, cfg)
+    monkeypatch.setattr(M, "SOURCE", M.SOURCE + "\n// changed\n")
+    M.cubin.cache_clear()
+    M.cubin("sm_90", bf16, 128, cfg)
+    assert len(fake_nvrtc) == 7 and len(list((tmp_path / "cache" / "int4_mma").iterdir())) == 7
+
+    # a damaged file is rebuilt and replaced; no temporary files stay behind
+    monkeypatch.undo()
+    monkeypatch.setattr(M, "compile_cubin", lambda arch, defs: M.ELF_MAGIC + b"rebuilt")
+    monkeypatch.setattr(M, "nvrtc_version", lambda: "13.0")
+    monkeypatch.setenv("QVLQ_CACHE_DIR", str(tmp_path / "cache"))
+    files[0].write_bytes(b"trunc")
+    M.cubin.cache_clear()
+    assert M.cubin("sm_90", bf16, 128, cfg) == M.ELF_MAGIC + b"rebuilt" == files[0].read_bytes()
+    assert not [f for f in (tmp_path / "cache" / "int4_mma").iterdir() if f.name.startswith(".")]
+
+
+def test_cubin_without_a_usable_cache_still_compiles(fake_nvrtc, monkeypatch, tmp_path):
+    monkeypatch.setenv("QVLQ_CACHE_DIR", "off")
+    assert M.cache_path("sm_90", {}) is None
+    assert M.cubin("sm_90", torch.bfloat16, 128, M.DEFAULT_CONFIG)[:4] == M.ELF_MAGIC
+    assert not (tmp_path / "cache").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("QVLQ_CACHE_DIR", str(blocker))  # the cache directory cannot be made: compile anyway
+    M.cubin.cache_clear()
+    assert M.cubin("sm_90", torch.bfloat16, 128, M.DEFAULT_CONFIG)[:4] == M.ELF_MAGIC
+    assert len(fake_nvrtc) == 2
+
+
+def test_precompile_builds_each_config_once_and_leaves_errors_to_the_tuner(fake_nvrtc, monkeypatch):
+    monkeypatch.setattr(M, "_capability", lambda index: (9, 0))
+    configs = M.CONFIGS + M.PDL_CONFIGS
+    M.precompile(0, torch.bfloat16, 128, configs, workers=4)
+    failing = [c for c in configs if c.warps == 16]
+    assert failing and len(fake_nvrtc) == len(configs) and {a for a, _ in fake_nvrtc} == {"sm_90"}
+    assert M.cubin.cache_info().currsize == len(configs) - len(failing)  # errors are not cached: met again later
+    with pytest.raises(RuntimeError, match="planted"):
+        M.cubin("sm_90", torch.bfloat16, 128, failing[0])
+
+
+@pytest.mark.skipif(_nvrtc_error() is not None, reason=f"libnvrtc not found: {_nvrtc_error()}")
+def test_precompiled_cubins_are_nvrtcs_own(monkeypatch, tmp_path):
+    """Threads give the bytes one compile gives (the module loads what the tuner timed)."""
+    monkeypatch.setenv("QVLQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(M, "_capability", lambda index: (9, 0))
+    M.cubin.cache_clear()
+    try:
+        configs = [M.CONFIGS[0], M.PDL_CONFIGS[3], M.variant(M.DEFAULT_CONFIG, 128, norm=4096, glu=1)]
+        M.precompile(0, torch.float16, 128, configs, workers=3)
+        for cfg in configs:
+            want = M.compile_cubin("sm_90", M.defines(torch.float16, 128, cfg))
+            assert M.cubin("sm_90", torch.float16, 128, cfg) == want
+            assert M.cache_path("sm_90", M.defines(torch.float16, 128, cfg)).read_bytes() == want
+    finally:
+        M.cubin.cache_clear()
+
+
 # ------------------------------------------------------------------------------------------ GPU
 gpu = pytest.mark.skipif(not HAS_CUDA or M.runtime_error() is not None, reason="needs CUDA, libnvrtc and libcuda")
 
