@@ -99,6 +99,8 @@ class CompareSettings:
     # the Int4 model's kernels (qvlq.int4.BACKENDS). Not in decoding() either: they differ only in the order of
     # fp32 sums, so a cache filled with one serves the others.
     int4_kernel: str = "auto"
+    # both models' ViT blocks in host memory (qvlq.model.stream): the same features bit for bit, so not keyed either
+    stream_vision: bool = False
     cache: str | None = None
     out: str | None = None
 
@@ -330,11 +332,11 @@ def teacher_force(
     )
 
 
-def default_loader(device: str | None, dtype: str, int4_kernel: str = "auto") -> Loader:
+def default_loader(device: str | None, dtype: str, int4_kernel: str = "auto", stream_vision: bool = False) -> Loader:
     def load(model_dir: str) -> tuple[Any, Any]:
         from .model.loading import load_model_and_tokenizer
 
-        return load_model_and_tokenizer(model_dir, device, dtype, int4_kernel)
+        return load_model_and_tokenizer(model_dir, device, dtype, int4_kernel, stream_vision)
 
     return load
 
@@ -386,7 +388,7 @@ def _run_shard(
     part = _part_name(rank, world)
     gens = JsonlCache(plan.cache_dir, "generations", part, GEN_KEY)
     tfs = JsonlCache(plan.cache_dir, "teacher_forcing", part, TF_KEY)
-    load = loader or default_loader(s.device, s.dtype, s.int4_kernel)
+    load = loader or default_loader(s.device, s.dtype, s.int4_kernel, s.stream_vision)
     loaded: dict[str, tuple[Any, Any]] = {}
 
     def model(m: str) -> tuple[Any, Any]:

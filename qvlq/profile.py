@@ -58,6 +58,7 @@ from .measure import (
     timed_generate,
 )
 from .model.loading import QUANTIZED_LINEARS
+from .model.stream import StreamedBlocks, stream_vision
 from .random_model import build_random_model, quantize_model_rtn
 
 Log = Callable[[str], None]
@@ -119,7 +120,8 @@ class WeightAccounting:
     linear_params: int  # the 5 x n_layers block linears
     linear_bytes: int  # their weight bytes (float weight, or qweight + qzeros + scales)
     checkpoint_bytes: int  # every tensor of the state dict (official format)
-    resident_bytes: int  # plus backend caches (the int4 kernel's repacked weight, a dequant float copy)
+    resident_bytes: int  # on the device: plus backend caches (the int4 kernel's repacked weight), less streamed_bytes
+    streamed_bytes: int  # kept in host memory and copied to the device per use (qvlq.model.stream)
     read_bytes_per_token: int  # what one decoded token reads: block linears, norms, lm_head, one wte row
     kv_bytes_per_token: int  # K and V of all layers for one context token
 
@@ -167,9 +169,13 @@ def weight_accounting(model: nn.Module) -> WeightAccounting:
 
     float_params = 0
     seen: set[int] = set()
-    checkpoint = resident = 0
+    checkpoint = resident = streamed = 0
     for mod in model.modules():
-        if _is_quant(mod):
+        if isinstance(mod, StreamedBlocks):  # its state dict holds the host blocks; the device holds two slots
+            float_params += mod.host_params
+            streamed += mod.host_bytes
+            resident += mod.slot_bytes
+        elif _is_quant(mod):
             float_params += mod.in_features * mod.out_features + mod.out_features
             for v in getattr(mod, "_cache", {}).values():
                 if isinstance(v, torch.Tensor) and v.device.type != "meta":
@@ -182,10 +188,10 @@ def weight_accounting(model: nn.Module) -> WeightAccounting:
             continue
         seen.add(key)
         checkpoint += _nbytes(v)
-    resident += checkpoint
+    resident += checkpoint - streamed
     kv_item = t.wte.weight.element_size()
     kv = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads) * kv_item
-    return WeightAccounting(float_params, linear_params, linear_bytes, checkpoint, resident, read, kv)
+    return WeightAccounting(float_params, linear_params, linear_bytes, checkpoint, resident, streamed, read, kv)
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -314,6 +320,7 @@ class ModelInfo:
     kv_bytes_per_token: int
     int4_backends: dict[str, int]
     build_seconds: float
+    streamed_bytes: int = 0  # weights in host memory, copied to the device per image (--stream-vision)
     int4_selection: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4.kernel_selection()
     int4_fused: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4_mma.variant_selection()
 
@@ -387,6 +394,7 @@ class ProfileSettings:
     kv_block: int | None = None
     attention: str = "fastest"  # FastEngine decode attention: sdpa | math | triton | fastest (timed on CUDA)
     fuse: str = "block"  # FastEngine int4 fusion: block | mlp | off (see FastEngine fuse_mlp, fuse_block)
+    stream_vision: bool = False  # the ViT's blocks in host memory, streamed per image (qvlq.model.stream)
     seed: int = 0
 
     def runs_for(self, context: int, on_gpu: bool) -> int:
@@ -904,7 +912,8 @@ def _model_info(model: Any, precision: str, source: str, random_weights: bool, b
         float_params=acc.float_params,
         weight_bytes=disk_bytes if disk_bytes is not None else acc.checkpoint_bytes,
         weight_bytes_kind="on disk" if disk_bytes is not None else "in memory (checkpoint format)",
-        resident_bytes=acc.resident_bytes, bits_per_weight_linears=acc.bits_per_weight_linears,
+        resident_bytes=acc.resident_bytes, streamed_bytes=acc.streamed_bytes,
+        bits_per_weight_linears=acc.bits_per_weight_linears,
         bits_per_weight_overall=8 * (disk_bytes or acc.checkpoint_bytes) / max(acc.float_params, 1),
         read_bytes_per_token=acc.read_bytes_per_token, kv_bytes_per_token=acc.kv_bytes_per_token,
         int4_backends=int4_backends(model), build_seconds=build_s,
@@ -1018,6 +1027,9 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
                 v.source, device=device, dtype=s.dtype, int4_backend=s.int4_kernel, int4_lean=True
             )
             disk = sum(f.stat().st_size for f in weight_files(Path(v.source)))
+        if s.stream_vision:
+            stream_vision(model)
+            free_memory(device)
         info, acc = _model_info(model, v.precision, v.source, v.random_weights, time.monotonic() - t0, disk)
         prof.models.append(info)
         log(
@@ -1076,6 +1088,11 @@ def report_notes(s: ProfileSettings, env: Environment, bandwidth: float, prompt:
                         "speed and memory do not depend on weight values, generated text is meaningless. The Int4 "
                         "variant is RTN 4-bit g128 sym from the same weights, in the official GPTQ v1 layout "
                         f"(non-quantized weights {s.int4_dtype}, as the official Int4 checkpoint).")  # fmt: skip
+    if s.stream_vision:
+        notes.append("VISION TOWER STREAMED (--stream-vision): the ViT's blocks stay in pinned host memory and are "
+                     "copied to the device, two block buffers in turn, each time an image is encoded. 'resident GB' "
+                     "and the memory cells count the two buffers, not the blocks; TTFT includes the copies; decode "
+                     "does not use the vision tower.")  # fmt: skip
     if s.windowed:
         notes.append(
             "Windowed cells (" + ", ".join(f"{e}@{c}" for e, c in s.windowed) + f"): the decode rate is estimated "

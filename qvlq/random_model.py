@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .model.loading import QUANTIZED_LINEARS
+from .model.stream import StreamedBlocks
 
 
 def _fill_random(name: str, p: torch.Tensor, config: Any, g: torch.Generator) -> None:
@@ -102,6 +103,9 @@ def quantize_model_rtn(
         for p in model.parameters():  # QuantLinear holds buffers only, so its caches are untouched
             if p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
+        for m in model.modules():  # a vision tower streamed from host memory keeps its blocks outside parameters()
+            if isinstance(m, StreamedBlocks):
+                m.cast_(dtype)
     cfg = model.config
     cfg.quantization_config = {
         "bits": bits, "group_size": group_size, "damp_percent": 0.01, "desc_act": False, "static_groups": False,

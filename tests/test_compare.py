@@ -476,6 +476,15 @@ def test_int4_kernel_reaches_the_int4_layers(models):
         assert set(int4_backends(model)) == {want}
 
 
+def test_stream_vision_reaches_both_models(models):
+    from qvlq.compare import default_loader
+    from qvlq.model.stream import StreamedBlocks
+
+    for d in models:
+        model, _ = default_loader("cpu", "fp32", "auto", stream_vision=True)(str(d))
+        assert isinstance(model.transformer.visual.transformer, StreamedBlocks)
+
+
 def test_cli_bad_input_is_one_line_exit_2(models, tsv, tmp_path):
     no_cols = tmp_path / "bad.tsv"
     no_cols.write_text("index\tquestion\n0\thello\n")

@@ -216,13 +216,16 @@ def load_pretrained(cls: type, name_or_path: Any, **kwargs: Any) -> Any:
 
 
 def load_model_and_tokenizer(
-    model_dir: Any, device: Any = None, dtype: Any = "auto", int4_backend: str = "auto"
+    model_dir: Any, device: Any = None, dtype: Any = "auto", int4_backend: str = "auto", stream_vision: bool = False
 ) -> tuple[Any, Any]:  # fmt: skip
     """(QWenLMHeadModel, QWenTokenizer) from one official-layout directory or hub id; an Int4 model's layers
-    on `int4_backend` (qvlq.int4.BACKENDS)."""
+    on `int4_backend` (qvlq.int4.BACKENDS); stream_vision: the ViT's blocks in host memory (qvlq.model.stream)."""
     from ..tokenizer import QWenTokenizer
     from .modeling import QWenLMHeadModel
+    from .stream import stream_vision as stream
 
     path = resolve_model_dir(model_dir)
     model = QWenLMHeadModel.from_pretrained(path, device=device, dtype=dtype, int4_backend=int4_backend)
+    if stream_vision:
+        stream(model)
     return model, QWenTokenizer.from_pretrained(str(path))

@@ -1,0 +1,151 @@
+"""qvlq.model.stream: a stack of blocks in host memory run through two device slots (the vision tower's
+--stream-vision). On CPU the slots are loaded synchronously; the CUDA test checks the copy stream's order and
+the device memory it saves."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from qvlq.cli import app
+from qvlq.image import pixels_for
+from qvlq.model.modeling import QWenLMHeadModel
+from qvlq.model.stream import StreamedBlocks, stream_vision
+from qvlq.profile import ProfileSettings, run_profile, weight_accounting
+from qvlq.random_model import build_random_model, quantize_model_rtn
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _blocks(n: int = 5, width: int = 8, device: str = "cpu") -> nn.ModuleList:
+    torch.manual_seed(0)
+    return nn.ModuleList(
+        nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        for _ in range(n)
+    ).to(device)
+
+
+def _sequential(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        for b in blocks:
+            x = x + b(x)  # residual, so a skipped or repeated block changes the result
+    return x
+
+
+class Residual(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(x)
+
+
+def _residual_blocks(n: int = 5, width: int = 8, device: str = "cpu") -> tuple[nn.ModuleList, nn.ModuleList]:
+    inner = _blocks(n, width, device)
+    return inner, nn.ModuleList(Residual(b) for b in inner)
+
+
+def test_streamed_blocks_run_every_block_once_in_order():
+    inner, blocks = _residual_blocks()
+    original = copy.deepcopy(inner)
+    x = torch.randn(3, 8)
+    want = _sequential(inner, x)
+    ref_sd = {f"resblocks.{k}": v.clone() for k, v in blocks.state_dict().items()}
+    st = StreamedBlocks(blocks, torch.device("cpu"))
+    assert torch.equal(st(x), want) and torch.equal(st(x), want)  # a second call reloads the slots
+    assert len(st.slots) == 2 and not list(st.parameters())  # nothing for .to() or an optimizer to rebind
+    n_params = sum(p.numel() for p in blocks.parameters())
+    assert st.host_params == n_params and st.host_bytes == 4 * n_params and st.slot_bytes == 2 * st.host_bytes // 5
+    sd = st.state_dict()  # the original names and values: accounting sees the checkpoint
+    assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    with torch.no_grad():  # the host copy is the weight: the original blocks no longer matter
+        blocks[2].inner[1].weight.add_(1)
+    assert torch.equal(st(x), want)
+
+    bf16 = original.to(torch.bfloat16)
+    assert torch.equal(st.cast_(torch.bfloat16)(x.bfloat16()), _sequential(bf16, x.bfloat16()))
+    assert st.host_bytes == 2 * n_params and st.state_dict()["resblocks.0.inner.1.weight"].dtype == torch.bfloat16
+
+
+def test_streamed_blocks_refuse_stacks_they_cannot_flatten():
+    blocks = _blocks(3)
+    blocks[1][1].weight.data = blocks[1][1].weight.data.half()
+    with pytest.raises(ValueError, match="one dtype"):
+        StreamedBlocks(nn.ModuleList([blocks[1], blocks[0]]), torch.device("cpu"))
+    with pytest.raises(ValueError, match="first block's tensors and shapes"):
+        StreamedBlocks(nn.ModuleList([_blocks(1, 8)[0], _blocks(1, 16)[0]]), torch.device("cpu"))
+
+
+def test_streamed_vision_tower_keeps_features_checkpoint_and_accounting(tiny_dir, tiny_model, image_file, image_feats):
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype="fp32")
+    ref_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    st = stream_vision(model)
+    assert stream_vision(model) is st and model.transformer.visual.transformer is st
+    with torch.no_grad():
+        assert torch.equal(model.transformer.visual(pixels_for([image_file], 448)), image_feats)
+    sd = model.state_dict()
+    assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
+    acc, ref = weight_accounting(model), weight_accounting(tiny_model)
+    assert (acc.checkpoint_bytes, acc.float_params) == (ref.checkpoint_bytes, ref.float_params)
+    vit = sum(v.numel() * v.element_size() for k, v in sd.items() if ".visual.transformer." in k)
+    assert acc.streamed_bytes == st.host_bytes == vit > 0
+    assert acc.resident_bytes == ref.resident_bytes - vit + st.slot_bytes
+
+
+def test_random_int4_variant_casts_a_streamed_tower():
+    """The profile streams the BF16 random model, then packs its Int4 variant in place with fp16 weights."""
+    model = build_random_model("tiny", torch.device("cpu"), seed=0)
+    st = stream_vision(model)
+    quantize_model_rtn(model, dtype=torch.float16, backend="dequant")
+    assert st.dtype == torch.float16 == model.transformer.visual.conv1.weight.dtype
+    with torch.no_grad():
+        feats = model.transformer.visual(torch.zeros(1, 3, 448, 448))
+    assert feats.dtype == torch.float16 and bool(torch.isfinite(feats).all())
+
+
+def test_profile_with_a_streamed_vision_tower(tmp_path):
+    s = ProfileSettings(random_weights="tiny", device="cpu", runs=[1], warmup_tokens=4, crosscheck_tokens=8,
+                        contexts=[292], engines=["hf", "fast"], precisions=["bf16", "int4"],
+                        stream_vision=True)  # fmt: skip
+    report = run_profile(s)
+    assert [c.status for c in report.speed] == ["ok"] * 4
+    assert all(x.agree == x.compared == 8 for x in report.crosschecks)  # both engines, streamed tower
+    assert all(m.streamed_bytes > 0 and m.resident_bytes > 0 for m in report.models)
+    assert any("VISION TOWER STREAMED" in n for n in report.notes)
+
+
+def test_cli_chat_stream_vision_answers_as_the_resident_model(tiny_dir, image_file):
+    args = ["chat", str(tiny_dir), "--image", str(image_file), "what is this?", "--greedy", "--max-new-tokens", "4",
+            "--dtype", "fp32", "--json"]  # fmt: skip
+    plain, streamed = (CliRunner().invoke(app, a) for a in (args, [*args, "--stream-vision"]))
+    assert plain.exit_code == streamed.exit_code == 0, plain.output + streamed.output
+    assert json.loads(streamed.stdout) == json.loads(plain.stdout)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_stream_overlaps_copies_in_order_and_frees_the_blocks():
+    """12 blocks of 4 MiB through two slots, the copy stream racing the compute stream: the result equals the
+    resident stack's bit for bit on every call, and the device keeps two blocks instead of twelve."""
+    dev = torch.device("cuda")
+    inner, blocks = _residual_blocks(12, 512, "cuda")
+    x = torch.randn(64, 512, device=dev)
+    want = _sequential(inner, x)
+    before = torch.cuda.memory_allocated(dev)
+    st = StreamedBlocks(blocks, dev)
+    del inner, blocks
+    freed = before - torch.cuda.memory_allocated(dev)
+    assert freed >= st.host_bytes - st.slot_bytes - 2**20 and st.host[0].is_pinned()
+    for _ in range(3):
+        assert torch.equal(st(x), want)
+    side = torch.cuda.Stream(dev)  # a caller on another stream: its x and the slots' last use order the copies
+    with torch.cuda.stream(side):
+        y = st(x)
+    side.synchronize()
+    assert torch.equal(y, want)
