@@ -58,7 +58,7 @@ from .measure import (
     timed_generate,
 )
 from .model.loading import QUANTIZED_LINEARS
-from .model.stream import StreamedBlocks, stream_vision
+from .model.stream import StreamedBlocks, stream_vision_checked
 from .random_model import build_random_model, quantize_model_rtn
 
 Log = Callable[[str], None]
@@ -321,6 +321,7 @@ class ModelInfo:
     int4_backends: dict[str, int]
     build_seconds: float
     streamed_bytes: int = 0  # weights in host memory, copied to the device per image (--stream-vision)
+    stream_check: str = ""  # the image features after streaming against before (stream_vision_checked)
     int4_selection: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4.kernel_selection()
     int4_fused: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4_mma.variant_selection()
 
@@ -1027,10 +1028,12 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
                 v.source, device=device, dtype=s.dtype, int4_backend=s.int4_kernel, int4_lean=True
             )
             disk = sum(f.stat().st_size for f in weight_files(Path(v.source)))
+        checked = ""
         if s.stream_vision:
-            stream_vision(model)
+            checked = stream_vision_checked(model, pixels)
             free_memory(device)
         info, acc = _model_info(model, v.precision, v.source, v.random_weights, time.monotonic() - t0, disk)
+        info.stream_check = checked
         prof.models.append(info)
         log(
             f"{v.precision}: {info.weight_bytes / 1e9:.2f} GB weights, {acc.read_bytes_per_token / 1e9:.3f} GB read "
@@ -1045,6 +1048,11 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
     free_memory(device)
 
     notes = report_notes(s, env, prof.bandwidth, P, image_tokens)
+    if s.stream_vision:
+        notes.append("Streamed vision tower against the resident one (the same image's features, before and after "
+                     "streaming): " + "; ".join(f"{m.precision}: {m.stream_check}" for m in prof.models)
+                     + (" (the Int4 variant is packed in place from the streamed BF16 model)" if s.random_weights
+                        else ""))  # fmt: skip
     if build_error:
         notes.append(f"The Int4 variant could not be built ({build_error}); only BF16 was profiled.")
     return ProfileReport(

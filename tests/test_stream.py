@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from qvlq.cli import app
 from qvlq.image import pixels_for
 from qvlq.model.modeling import QWenLMHeadModel
-from qvlq.model.stream import StreamedBlocks, stream_vision
+from qvlq.model.stream import StreamedBlocks, stream_vision, stream_vision_checked
 from qvlq.profile import ProfileSettings, run_profile, weight_accounting
 from qvlq.random_model import build_random_model, quantize_model_rtn
 
@@ -85,8 +85,9 @@ def test_streamed_blocks_refuse_stacks_they_cannot_flatten():
 def test_streamed_vision_tower_keeps_features_checkpoint_and_accounting(tiny_dir, tiny_model, image_file, image_feats):
     model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype="fp32")
     ref_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    st = stream_vision(model)
-    assert stream_vision(model) is st and model.transformer.visual.transformer is st
+    assert stream_vision_checked(model, pixels_for([image_file], 448)) == "identical"
+    st = model.transformer.visual.transformer
+    assert stream_vision(model) is st and isinstance(st, StreamedBlocks)
     with torch.no_grad():
         assert torch.equal(model.transformer.visual(pixels_for([image_file], 448)), image_feats)
     sd = model.state_dict()
@@ -117,7 +118,24 @@ def test_profile_with_a_streamed_vision_tower(tmp_path):
     assert [c.status for c in report.speed] == ["ok"] * 4
     assert all(x.agree == x.compared == 8 for x in report.crosschecks)  # both engines, streamed tower
     assert all(m.streamed_bytes > 0 and m.resident_bytes > 0 for m in report.models)
+    assert [m.stream_check for m in report.models] == ["identical", "already streamed"]
     assert any("VISION TOWER STREAMED" in n for n in report.notes)
+    assert any("bf16: identical; int4: already streamed" in n for n in report.notes)
+
+
+def test_stream_check_reports_a_tower_that_computes_something_else(tiny_dir, monkeypatch):
+    import qvlq.model.stream as stream
+
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype="fp32")
+    real = stream.stream_vision
+
+    def wrong(m):  # a planted bug: one block's weights lost on the way to the host
+        st = real(m)
+        st.host[1].zero_()
+        return st
+
+    monkeypatch.setattr(stream, "stream_vision", wrong)
+    assert stream.stream_vision_checked(model, torch.randn(1, 3, 448, 448)).startswith("DIFFERENT: max abs")
 
 
 def test_cli_chat_stream_vision_answers_as_the_resident_model(tiny_dir, image_file):
@@ -131,12 +149,13 @@ def test_cli_chat_stream_vision_answers_as_the_resident_model(tiny_dir, image_fi
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_cuda_stream_overlaps_copies_in_order_and_frees_the_blocks():
-    """12 blocks of 4 MiB through two slots, the copy stream racing the compute stream: the result equals the
-    resident stack's bit for bit on every call, and the device keeps two blocks instead of twelve."""
+    """12 blocks of 8 MiB through two slots, the copy stream racing the compute stream: the result equals the
+    resident stack's bit for bit on every call and after a cast, and the device keeps two blocks, not twelve."""
     dev = torch.device("cuda")
     inner, blocks = _residual_blocks(12, 512, "cuda")
     x = torch.randn(64, 512, device=dev)
     want = _sequential(inner, x)
+    on_host = copy.deepcopy(inner).cpu()
     before = torch.cuda.memory_allocated(dev)
     st = StreamedBlocks(blocks, dev)
     del inner, blocks
@@ -149,3 +168,6 @@ def test_cuda_stream_overlaps_copies_in_order_and_frees_the_blocks():
         y = st(x)
     side.synchronize()
     assert torch.equal(y, want)
+    bf16 = on_host.to(dev, torch.bfloat16)  # cast_ (the random Int4 variant's fp16/bf16 weights)
+    assert torch.equal(st.cast_(torch.bfloat16)(x.bfloat16()), _sequential(bf16, x.bfloat16()))
+    assert st.host[0].is_pinned() and st.slot_flat[0].dtype == torch.bfloat16

@@ -139,3 +139,19 @@ def stream_vision(model: nn.Module) -> StreamedBlocks:
     if device.type == "cuda":
         torch.cuda.empty_cache()  # give the blocks' device memory back, as NVML reports it
     return streamed
+
+
+@torch.no_grad()
+def stream_vision_checked(model: nn.Module, pixels: Tensor) -> str:
+    """stream_vision, with the features of `pixels` compared before and after: "identical", how they differ, or
+    "already streamed" (then nothing to compare with). A profile records it: a tower that streamed the wrong
+    weights would still be timed and measured without complaint."""
+    visual = model.transformer.visual
+    if isinstance(visual.transformer, StreamedBlocks):
+        return "already streamed"
+    want = visual(pixels)
+    stream_vision(model)
+    got = visual(pixels)
+    if torch.equal(got, want):
+        return "identical"
+    return f"DIFFERENT: max abs difference {float((got.float() - want.float()).abs().max()):.3g}"
