@@ -352,3 +352,28 @@ def test_rich_tables_show_cells_as_plain_text():
     text = con.export_text()
     for s in ("choice [a]", "kernel [b]", "mma 9.4 us [w4t1] -> mma", "note [c]"):
         assert s in text
+
+
+def test_memory_table_gives_peak_over_weights_and_kv():
+    """The issue's "within 5% of weights + KV cache", per memory cell, from a committed GPU report: the fast
+    engine's static cache as allocated, the hf engine's cache at the cell's context."""
+    import dataclasses
+    from pathlib import Path
+
+    from qvlq.profile_report import load_report, weights_kv_ratio
+
+    report = load_report(Path(__file__).parents[1] / "reports/profile/h100-compiled-full-2026-11-27/report.json")
+    cell = next(m for m in report.memory if (m.precision, m.engine, m.cell) == ("int4", "fast", "encode 2048"))
+    int4 = next(m for m in report.models if m.precision == "int4")
+    kv = report.engines["int4/fast@2048"]["kv_cache_bytes"]
+    assert kv == 32 * 2 * 2079 * 4096 * 2  # 32 layers, K and V, 2079 slots, 4096 values, 16-bit
+    want = cell.allocated_bytes / (int4.resident_bytes + kv)
+    assert weights_kv_ratio(report, cell) == pytest.approx(want) and 1.0 < want < 1.05
+    mem = next(t for t in report_tables(report) if t.title.startswith("Peak memory"))
+    col = mem.columns.index("alloc / (weights + KV)")
+    assert [r[col] for r in mem.rows if r[:3] == ["int4", "fast", "encode 2048"]] == [f"{want:.3f}"]
+
+    hf = dataclasses.replace(cell, engine="hf")  # no static cache: KV of the cell's context
+    assert weights_kv_ratio(report, hf) == pytest.approx(
+        cell.allocated_bytes / (int4.resident_bytes + int4.kv_bytes_per_token * 2048))
+    assert weights_kv_ratio(report, dataclasses.replace(cell, allocated_bytes=None)) is None  # CPU cells
