@@ -1,8 +1,8 @@
 """Streamed blocks: a stack of same-shaped blocks kept in (pinned) host memory and run on the device two
 at a time, the next block's weights copied on a side stream while the current one computes.
 
-Why: Qwen-VL's ViT is 1.84 B of the Int4 model's 4.9 B resident parameters (3.7 GB of its 9.7 GB, kept
-16-bit by the official layout), yet it runs once per image. Streamed, the Int4 model's device weights
+Why: Qwen-VL's 48 ViT blocks hold 1.84 B parameters, 3.7 GB of the official Int4 checkpoint's 9.7 GB
+(the layout keeps them 16-bit), yet they run once per image. Streamed, the Int4 model's device weights
 drop to ~6 GB; each image then costs one host-to-device copy of the ViT (3.7 GB: ~75 ms at PCIe 5's
 ~50 GB/s, ~150 ms at PCIe 4's; inferred, not measured), paid in the time to first token. Decode does not
 touch the vision tower, so decode speed is unchanged. Inference only: the blocks' weights are frozen.
