@@ -171,3 +171,131 @@ def test_cuda_stream_overlaps_copies_in_order_and_frees_the_blocks():
     bf16 = on_host.to(dev, torch.bfloat16)  # cast_ (the random Int4 variant's fp16/bf16 weights)
     assert torch.equal(st.cast_(torch.bfloat16)(x.bfloat16()), _sequential(bf16, x.bfloat16()))
     assert st.host[0].is_pinned() and st.slot_flat[0].dtype == torch.bfloat16
+
+
+class _Schedule:
+    """The CUDA branch of StreamedBlocks.forward on fake streams and events: every copy into a slot and every
+    block computed on one is a node, with happens-before edges from stream order, event waits and stream waits
+    (what CUDA guarantees, nothing more). The real copies and computes run at once, on the CPU."""
+
+    def __init__(self, ignore_copy_waits: bool = False) -> None:
+        self.nodes: list[tuple[str, int, int]] = []  # (kind, slot, block)
+        self.after: list[set[int]] = []  # node -> the nodes it must follow directly
+        self.ignore_copy_waits = ignore_copy_waits
+        self.compute, self.copy = _FakeStream(self, "compute"), _FakeStream(self, "copy")
+        self.current = self.compute
+
+    def issue(self, stream: _FakeStream, kind: str, slot: int, block: int) -> None:
+        deps = {d for d in [stream.last, *stream.pending] if d is not None}
+        self.nodes.append((kind, slot, block))
+        self.after.append(deps)
+        stream.last, stream.pending = len(self.nodes) - 1, []
+
+    def before(self, a: int, b: int) -> bool:  # a happens before b
+        todo, seen = [b], set()
+        while todo:
+            for d in self.after[todo.pop()]:
+                if d == a:
+                    return True
+                if d not in seen:
+                    seen.add(d)
+                    todo.append(d)
+        return False
+
+    def races(self) -> list[str]:
+        """Each compute must follow the copy of its own block into its slot, and be ordered against every other
+        copy into that slot (that copy before its own copy, or after the compute)."""
+        found = []
+        for c, (kind, slot, block) in enumerate(self.nodes):
+            if kind != "compute":
+                continue
+            own = [k for k, n in enumerate(self.nodes[:c]) if n == ("copy", slot, block)]
+            if not own or not self.before(own[-1], c):
+                found.append(f"block {block} computed on slot {slot} without its copy before it")
+                continue
+            for k, (kk, ss, bb) in enumerate(self.nodes):
+                if kk == "copy" and ss == slot and k != own[-1]:
+                    if not (self.before(k, own[-1]) or self.before(c, k)):
+                        found.append(f"copy of block {bb} into slot {slot} races block {block}'s compute")
+        return found
+
+
+class _FakeStream:
+    def __init__(self, sim: _Schedule, name: str) -> None:
+        self.sim, self.name, self.last, self.pending = sim, name, None, []
+
+    def wait_event(self, event: _FakeEvent) -> None:
+        if not (self.sim.ignore_copy_waits and self.name == "copy"):
+            self.pending.append(event.last)
+
+    def wait_stream(self, other: _FakeStream) -> None:
+        if not (self.sim.ignore_copy_waits and self.name == "copy"):
+            self.pending.append(other.last)
+
+
+class _FakeEvent:
+    last = None
+
+    def record(self, stream: _FakeStream) -> None:
+        self.last = stream.last  # everything issued on stream so far
+
+
+def _scheduled(st: StreamedBlocks, sim: _Schedule, monkeypatch) -> None:
+    """Run st's CUDA branch on sim: fake streams and events, copies and computes recorded as they are issued."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def on(stream):
+        prev, sim.current = sim.current, stream
+        try:
+            yield
+        finally:
+            sim.current = prev
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: sim.compute)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    st._copy, st._ready, st._done = sim.copy, [_FakeEvent() for _ in st.slots], [_FakeEvent() for _ in st.slots]
+
+    class Flat:  # a slot's buffer: the copy runs now and is recorded on the current stream
+        def __init__(self, s: int, flat: torch.Tensor) -> None:
+            self.s, self.flat = s, flat
+
+        def copy_(self, src: torch.Tensor, non_blocking: bool = False) -> None:
+            self.flat.copy_(src)
+            sim.issue(sim.current, "copy", self.s, next(i for i, h in enumerate(st.host) if h is src))
+
+    class Slot(nn.Module):  # a slot's block: computed now, recorded on the compute stream
+        def __init__(self, s: int, block: nn.Module) -> None:
+            super().__init__()
+            self.s, self.block = s, block
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            computed = sum(1 for n in sim.nodes if n[0] == "compute")
+            sim.issue(sim.current, "compute", self.s, computed % len(st.host))
+            return self.block(x)
+
+    st.slot_flat = [Flat(s, f) for s, f in enumerate(st.slot_flat)]
+    st.slots = [Slot(s, b) for s, b in enumerate(st.slots)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6])
+def test_copy_stream_schedule_is_race_free(n, monkeypatch):
+    """What a GPU run would race on, checked without one: every block computes on its own weights, and no copy
+    overwrites a slot that a block still reads, over two calls (the second reuses slots the first left)."""
+    inner, blocks = _residual_blocks(n)
+    x = torch.randn(3, 8)
+    want = _sequential(inner, x)
+    st = StreamedBlocks(blocks, torch.device("cpu"))
+    sim = _Schedule()
+    _scheduled(st, sim, monkeypatch)
+    assert torch.equal(st(x), want) and torch.equal(st(x), want)
+    assert [n_ for n_ in sim.nodes if n_[0] == "compute"] == [("compute", i % 2, i) for i in range(n)] * 2
+    assert sim.races() == []
+
+    # the checker itself: with the copy stream's waits dropped, the copies race the computes
+    if n > 2:
+        st2 = StreamedBlocks(_residual_blocks(n)[1], torch.device("cpu"))
+        bad = _Schedule(ignore_copy_waits=True)
+        _scheduled(st2, bad, monkeypatch)
+        st2(x)
+        assert any("races" in r for r in bad.races())
