@@ -62,6 +62,7 @@ def test_streamed_blocks_run_every_block_once_in_order():
     assert len(st.slots) == 2 and not list(st.parameters())  # nothing for .to() or an optimizer to rebind
     n_params = sum(p.numel() for p in blocks.parameters())
     assert st.host_params == n_params and st.host_bytes == 4 * n_params and st.slot_bytes == 2 * st.host_bytes // 5
+    assert len({h.untyped_storage().data_ptr() for h in st.host}) == 1  # one (pinned) allocation for all blocks
     sd = st.state_dict()  # the original names and values: accounting sees the checkpoint
     assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
     with torch.no_grad():  # the host copy is the weight: the original blocks no longer matter
@@ -71,6 +72,7 @@ def test_streamed_blocks_run_every_block_once_in_order():
     bf16 = original.to(torch.bfloat16)
     assert torch.equal(st.cast_(torch.bfloat16)(x.bfloat16()), _sequential(bf16, x.bfloat16()))
     assert st.host_bytes == 2 * n_params and st.state_dict()["resblocks.0.inner.1.weight"].dtype == torch.bfloat16
+    assert len({h.untyped_storage().data_ptr() for h in st.host}) == 1
 
 
 def test_streamed_blocks_refuse_stacks_they_cannot_flatten():
