@@ -95,7 +95,7 @@ def load_model_and_tokenizer(
 
 
 STREAM_VISION_HELP = (
-    "Keep the vision tower's blocks in host memory and stream them to the device per image: ~3.7 GB less device "
+    "Keep the vision tower's blocks in host memory and stream them to the device per image: ~3.5 GB less device "
     "memory at full size, paid once per image in time to first token; decode speed is unchanged."
 )
 
