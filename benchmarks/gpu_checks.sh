@@ -10,6 +10,8 @@
 #      with QVLQ_INT4_BACKEND=fastest over tinygemm and each of qvlq's kernels that 0 and 2 found right (mma;
 #      Triton only without mma): each int4 shape tuned, checked and timed at build, the fastest kept and
 #      recorded in the report                                                                   (<= 300 s)
+#   3f. only if step 3 brought back no Int4 figure: the same without fused blocks and PDL (never run on a GPU
+#      yet), into $OUT/fallback/                                                                 (<= 240 s)
 #   5. Int4 fast with the vision tower streamed from host memory (--stream-vision): its memory cells (the issue's
 #      absolute encode-2048 figure) and its time to first token           (qvlq profile, <= 120 s)
 #   1. CUDA tests of qvlq's int4 kernels (Triton, mma) and of chat's CUDA-graph engine (pytest -m gpu, <= 150 s)
@@ -88,8 +90,21 @@ if want 3; then
     QVLQ_INT4_BACKEND=$BACKEND FAST_COMPILE=auto MAX_SECONDS=$(( P_TIMEOUT - 25 )) TIMEOUT=$P_TIMEOUT OUT="$OUT" \
         PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 --windowed '' \
         --attention "$ATTENTION" --fuse "${FUSE:-block}" ${KV_BLOCK:+--kv-block "$KV_BLOCK"} >/dev/null 2>&1
-    say "3. rc=$?; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
+    p_rc=$?
+    say "3. rc=$p_rc; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
     say "3. greedy tokens against the HF loop: $(grep -E 'reference run' "$OUT/profile-full.log" | tr -s ' ' | tr '\n' ' ')"
+    # no Int4 figure (a crash takes the CUDA context and every later cell with it): the same profile without the
+    # levers no GPU has run yet (fused blocks, PDL), so the session still brings back a number to compare
+    if ! grep -qE '^│ int4 +│ fast +│ [0-9]' "$OUT/profile-full.log" && (( $(left) >= 150 )); then
+        F_TIMEOUT=$(( $(left) - 10 < 240 ? $(left) - 10 : 240 ))
+        PRECS=int4
+        grep -qE '^│ bf16 +│ fast +│ [0-9]' "$OUT/profile-full.log" || PRECS=bf16,int4
+        say "3f. no Int4 figure: $PRECS again with --fuse off and QVLQ_PDL=0 (limit ${F_TIMEOUT}s)"
+        QVLQ_PDL=0 QVLQ_INT4_BACKEND=$BACKEND FAST_COMPILE=auto MAX_SECONDS=$(( F_TIMEOUT - 25 )) TIMEOUT=$F_TIMEOUT \
+            OUT="$OUT/fallback" PYTHON="$PY" bash benchmarks/profile_full.sh --engine fast --int4-dtype bf16 \
+            --windowed '' --precisions "$PRECS" --attention "$ATTENTION" --fuse off >/dev/null 2>&1
+        say "3f. rc=$?; $(grep -E '^(│ (bf16|int4) +│ fast)' "$OUT/fallback/profile-full.log" | head -4 | tr -s ' ' | tr '\n' ' ')"
+    fi
 fi
 
 if want 5 && (( $(left) >= 90 )); then
