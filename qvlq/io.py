@@ -45,10 +45,15 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _umask_permissions(root: Path) -> None:
     # mkdtemp and some writers create private files; give the result ordinary permissions.
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     root.chmod(0o777 & ~mask)
     for p in root.rglob("*"):
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
@@ -69,9 +74,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's file is private; the result gets ordinary permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; the result gets ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
