@@ -12,8 +12,11 @@
 #      recorded in the report                                                                   (<= 300 s)
 #   3f. only if step 3 brought back no Int4 figure: the same without fused blocks and PDL (never run on a GPU
 #      yet), into $OUT/fallback/                                                                 (<= 240 s)
-#   5. Int4 fast with the vision tower streamed from host memory (--stream-vision): its memory cells (the issue's
-#      absolute encode-2048 figure) and its time to first token           (qvlq profile, <= 120 s)
+#   5. Int4 fast at 2048 with the token-embedding table in host memory, read in place (--host-embedding): its
+#      memory cells (the issue's absolute encode-2048 figure) and its decode tok/s against step 3's (qvlq profile,
+#      <= 100 s)
+#   5b. the same with the vision tower streamed from host memory too (--stream-vision): memory and time to first
+#      token; --stream-vision alone if step 5 brought back no Int4 figure          (qvlq profile, <= 100 s)
 #   1. CUDA tests of qvlq's int4 kernels (Triton, mma) and of chat's CUDA-graph engine (pytest -m gpu, <= 150 s)
 #      if the budget has room left
 #   4. the compiled decode step kernel by kernel, with the same int4 choice  (benchmarks/decode_kernels.py)
@@ -32,8 +35,8 @@
 #                 choice (one recompile: the length becomes dynamic); step 2b measures both ways per position.
 #   FUSE=mlp|off  profile with less of the FastEngine's int4 fusion (default block; step 4b measures off)
 # Output in $OUT: gpu-checks.log, mma-diagnose.json, int4-gemv.json, decode-attention.json, decode-kernels.json,
-# decode-kernels-unfused.json, decode-kernels-nopdl.json, profile-full.log, profile-full/, profile-stream-vision.log,
-# profile-stream-vision/.
+# decode-kernels-unfused.json, decode-kernels-nopdl.json, profile-full.log, profile-full/, profile-host-embedding.log,
+# profile-host-embedding/, profile-host-weights.log, profile-host-weights/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output directory}"
@@ -43,7 +46,7 @@ START=$(date +%s)
 BUDGET="${BUDGET:-540}"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COLUMNS="${COLUMNS:-200}"
 LOG="$OUT/gpu-checks.log"
-want() { [[ " ${STEPS:-0 2 2b 3 5 1 4 4b 4c} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-0 2 2b 3 5 5b 1 4 4b 4c} " == *" $1 "* ]]; }
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
@@ -107,17 +110,28 @@ if want 3; then
     fi
 fi
 
-if want 5 && (( $(left) >= 90 )); then
-    S_LIMIT=$(( $(left) - 5 < 120 ? $(left) - 5 : 120 ))
-    say "5. Int4 with the vision tower streamed from host memory (--stream-vision; limit ${S_LIMIT}s)"
-    QVLQ_INT4_BACKEND=$BACKEND timeout -k 5 "$S_LIMIT" "$PY" -m qvlq.cli profile --random-weights full \
-        --precisions int4 --int4-dtype bf16 --engine fast --contexts 2048,8192 --runs 1 --warmup-tokens 32 \
-        --attention "$ATTENTION" --fuse "${FUSE:-block}" --stream-vision --max-seconds $(( S_LIMIT - 15 )) \
-        --out "$OUT/profile-stream-vision" --overwrite > "$OUT/profile-stream-vision.log" 2>&1
-    say "5. rc=$?; $(grep -E '^│ int4 +│ fast' "$OUT/profile-stream-vision.log" | head -3 | tr -s ' ' | tr '\n' ' ')"
-    say "5. $(grep -E -A1 'Streamed vision tower against' "$OUT/profile-stream-vision.log" | head -2 | tr -s ' ' | tr '\n' ' ')"
-elif want 5; then
-    say "5. skipped: $(left) s left"
+# run_host STEP NAME TITLE FLAGS...: Int4 fast at 2048 with some weights in host memory, into $OUT/NAME/; the log
+# line shows the row, the memory cells and the feature checks
+run_host() {
+    local step=$1 name=$2 title=$3 limit
+    shift 3
+    if ! want "$step"; then return; fi
+    if (( $(left) < 75 )); then say "$step. skipped: $(left) s left"; return; fi
+    limit=$(( $(left) - 5 < 100 ? $(left) - 5 : 100 ))
+    say "$step. Int4 with $title ($*; limit ${limit}s)"
+    QVLQ_INT4_BACKEND=$BACKEND timeout -k 5 "$limit" "$PY" -m qvlq.cli profile --random-weights full \
+        --precisions int4 --int4-dtype bf16 --engine fast --contexts 2048 --runs 1 --warmup-tokens 32 \
+        --attention "$ATTENTION" --fuse "${FUSE:-block}" "$@" --max-seconds $(( limit - 15 )) \
+        --out "$OUT/$name" --overwrite > "$OUT/$name.log" 2>&1
+    say "$step. rc=$?; $(grep -E '^│ int4 +│ fast' "$OUT/$name.log" | head -3 | tr -s ' ' | tr '\n' ' ')"
+    say "$step. $(grep -E -A1 'against the resident one' "$OUT/$name.log" | tr -s ' ' | tr '\n' ' ')"
+}
+run_host 5 profile-host-embedding "the embedding table in host memory" --host-embedding
+if grep -qsE '^│ int4 +│ fast +│ [0-9]' "$OUT/profile-host-embedding.log"; then
+    run_host 5b profile-host-weights "the embedding table and the vision tower in host memory" --host-embedding \
+        --stream-vision
+else  # the mapped table failed (or 5 did not run): the streamed tower alone
+    run_host 5b profile-host-weights "the vision tower streamed from host memory" --stream-vision
 fi
 
 if want 1 && (( $(left) >= 40 )); then

@@ -86,17 +86,22 @@ INT4_AUTO = "auto (CUDA: $QVLQ_INT4_BACKEND, else int4_cuda; CPU: dequant)"
 
 
 def load_model_and_tokenizer(
-    model_dir: str, device: str | None, dtype: str, int4_kernel: str = "auto", stream_vision: bool = False
+    model_dir: str, device: str | None, dtype: str, int4_kernel: str = "auto", stream_vision: bool = False,
+    host_embedding: bool = False,
 ) -> tuple[Any, Any]:  # fmt: skip
     from .model.loading import load_model_and_tokenizer as load
 
     with console.status(f"loading {model_dir}"):
-        return load(model_dir, device, dtype, int4_kernel, stream_vision)
+        return load(model_dir, device, dtype, int4_kernel, stream_vision, host_embedding)
 
 
 STREAM_VISION_HELP = (
     "Keep the vision tower's blocks in host memory and stream them to the device per image: ~3.5 GB less device "
     "memory at full size, paid once per image in time to first token; decode speed is unchanged."
+)
+HOST_EMBEDDING_HELP = (
+    "Keep the token-embedding table in pinned host memory, read by the GPU in place (one row a token): 1.2 GB less "
+    "device memory at full size, for bus latency per step. CUDA only."
 )
 
 
@@ -120,6 +125,7 @@ def chat_cmd(
     ] = "auto",
     int4_kernel: Annotated[str, typer.Option(help=f"Int4 layers: {INT4_KERNELS} or {INT4_AUTO}.")] = "auto",
     stream_vision: Annotated[bool, typer.Option(help=STREAM_VISION_HELP)] = False,
+    host_embedding: Annotated[bool, typer.Option(help=HOST_EMBEDDING_HELP)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
 ) -> None:
     """Chat with a Qwen-VL-Chat model (one question, or interactive multi-turn without one)."""
@@ -130,7 +136,7 @@ def chat_cmd(
     problem = backend_problem(int4_kernel, resolve_device(device))  # compare's settings check it likewise
     if problem:
         raise ValueError(f"--int4-kernel {problem}")
-    model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype, int4_kernel, stream_vision)
+    model, tokenizer = load_model_and_tokenizer(model_dir, device, dtype, int4_kernel, stream_vision, host_embedding)
     items = [{"image": p} for p in image or []]
     history: list[tuple[str, str]] = []
 
@@ -384,6 +390,7 @@ def profile_cmd(
         typer.Option(help=f"Int4 layers: {INT4_KERNELS} or auto. Default: $QVLQ_INT4_BACKEND, else fastest."),
     ] = None,  # fmt: skip
     stream_vision: Annotated[bool, typer.Option(help=STREAM_VISION_HELP)] = False,
+    host_embedding: Annotated[bool, typer.Option(help=HOST_EMBEDDING_HELP)] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and pixels.")] = 0,
     render: Annotated[
         Path | None,
@@ -425,6 +432,7 @@ def profile_cmd(
         crosscheck_tokens=crosscheck_tokens, fast_compile=fast_compile, kv_block=kv_block, seed=seed,
         attention=attention or ("sdpa" if kv_block else "fastest"), fuse=fuse,
         int4_kernel=int4_kernel or env_backend() or "fastest", stream_vision=stream_vision,
+        host_embedding=host_embedding,
     )  # fmt: skip
     settings.validate()
     path = check_out_dir(out_dir, device, overwrite)
@@ -575,6 +583,7 @@ def compare_cmd(
     ] = "auto",
     int4_kernel: Annotated[str, typer.Option(help=f"The Int4 model's layers: {INT4_KERNELS} or {INT4_AUTO}.")] = "auto",
     stream_vision: Annotated[bool, typer.Option(help=STREAM_VISION_HELP)] = False,
+    host_embedding: Annotated[bool, typer.Option(help=HOST_EMBEDDING_HELP)] = False,
     cache: Annotated[Path | None, typer.Option(help="Response/judge cache directory (default OUT/cache).")] = None,
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Report directory (default reports/compare/<bf16>-vs-<int4>).")
@@ -595,7 +604,7 @@ def compare_cmd(
         max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, judge=judge,
         judge_url=judge_url, judge_model=judge_model, judge_key_env=judge_key_env, judge_workers=judge_workers,
         device=device, dtype=dtype, engine=engine, int4_kernel=int4_kernel, stream_vision=stream_vision,
-        cache=str(cache) if cache else None, out=str(out_dir) if out_dir else None,
+        host_embedding=host_embedding, cache=str(cache) if cache else None, out=str(out_dir) if out_dir else None,
     )  # fmt: skip
     with Progress(
         "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -610,7 +619,7 @@ def compare_cmd(
 
         result = cmp.run_compare(
             settings, shard=cmp.parse_shard(shard) if shard else None, merge_only=merge, progress=progress,
-            loader=lambda d: load_model_and_tokenizer(d, device, dtype, int4_kernel, stream_vision),
+            loader=lambda d: load_model_and_tokenizer(d, device, dtype, int4_kernel, stream_vision, host_embedding),
         )  # fmt: skip
     if result.report is None:
         sh = result.shard

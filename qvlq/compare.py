@@ -101,6 +101,7 @@ class CompareSettings:
     int4_kernel: str = "auto"
     # both models' ViT blocks in host memory (qvlq.model.stream): the same features bit for bit, so not keyed either
     stream_vision: bool = False
+    host_embedding: bool = False  # the token table in host memory, read in place: the same values, not keyed
     cache: str | None = None
     out: str | None = None
 
@@ -332,11 +333,13 @@ def teacher_force(
     )
 
 
-def default_loader(device: str | None, dtype: str, int4_kernel: str = "auto", stream_vision: bool = False) -> Loader:
+def default_loader(
+    device: str | None, dtype: str, int4_kernel: str = "auto", stream_vision: bool = False, host_embedding: bool = False
+) -> Loader:
     def load(model_dir: str) -> tuple[Any, Any]:
         from .model.loading import load_model_and_tokenizer
 
-        return load_model_and_tokenizer(model_dir, device, dtype, int4_kernel, stream_vision)
+        return load_model_and_tokenizer(model_dir, device, dtype, int4_kernel, stream_vision, host_embedding)
 
     return load
 
@@ -388,7 +391,7 @@ def _run_shard(
     part = _part_name(rank, world)
     gens = JsonlCache(plan.cache_dir, "generations", part, GEN_KEY)
     tfs = JsonlCache(plan.cache_dir, "teacher_forcing", part, TF_KEY)
-    load = loader or default_loader(s.device, s.dtype, s.int4_kernel, s.stream_vision)
+    load = loader or default_loader(s.device, s.dtype, s.int4_kernel, s.stream_vision, s.host_embedding)
     loaded: dict[str, tuple[Any, Any]] = {}
 
     def model(m: str) -> tuple[Any, Any]:

@@ -58,7 +58,7 @@ from .measure import (
     timed_generate,
 )
 from .model.loading import QUANTIZED_LINEARS
-from .model.stream import StreamedBlocks, stream_vision_checked
+from .model.stream import StreamedBlocks, host_embedding_checked, host_mapped, stream_vision_checked
 from .random_model import build_random_model, quantize_model_rtn
 
 Log = Callable[[str], None]
@@ -120,8 +120,8 @@ class WeightAccounting:
     linear_params: int  # the 5 x n_layers block linears
     linear_bytes: int  # their weight bytes (float weight, or qweight + qzeros + scales)
     checkpoint_bytes: int  # every tensor of the state dict (official format)
-    resident_bytes: int  # on the device: plus backend caches (the int4 kernel's repacked weight), less streamed_bytes
-    streamed_bytes: int  # kept in host memory and copied to the device per use (qvlq.model.stream)
+    resident_bytes: int  # on the device: plus backend caches (the int4 kernel's repacked weight), less host_bytes
+    host_bytes: int  # kept in host memory: streamed ViT blocks, a host-mapped embedding (qvlq.model.stream)
     read_bytes_per_token: int  # what one decoded token reads: block linears, norms, lm_head, one wte row
     kv_bytes_per_token: int  # K and V of all layers for one context token
 
@@ -169,11 +169,11 @@ def weight_accounting(model: nn.Module) -> WeightAccounting:
 
     float_params = 0
     seen: set[int] = set()
-    checkpoint = resident = streamed = 0
+    checkpoint = resident = host = 0
     for mod in model.modules():
         if isinstance(mod, StreamedBlocks):  # its state dict holds the host blocks; the device holds two slots
             float_params += mod.host_params
-            streamed += mod.host_bytes
+            host += mod.host_bytes
             resident += mod.slot_bytes
         elif _is_quant(mod):
             float_params += mod.in_features * mod.out_features + mod.out_features
@@ -182,16 +182,18 @@ def weight_accounting(model: nn.Module) -> WeightAccounting:
                     resident += _nbytes(v)
         else:
             float_params += sum(p.numel() for p in mod.parameters(recurse=False))
+            mapped = host_mapped(mod)  # read by the device in place: in the state dict, not in device memory
+            host += _nbytes(mapped) if mapped is not None else 0
     for v in model.state_dict(keep_vars=True).values():
         key = id(v) if v.device.type == "meta" else v.data_ptr()
         if key in seen:
             continue
         seen.add(key)
         checkpoint += _nbytes(v)
-    resident += checkpoint - streamed
+    resident += checkpoint - host
     kv_item = t.wte.weight.element_size()
     kv = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads) * kv_item
-    return WeightAccounting(float_params, linear_params, linear_bytes, checkpoint, resident, streamed, read, kv)
+    return WeightAccounting(float_params, linear_params, linear_bytes, checkpoint, resident, host, read, kv)
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -320,8 +322,9 @@ class ModelInfo:
     kv_bytes_per_token: int
     int4_backends: dict[str, int]
     build_seconds: float
-    streamed_bytes: int = 0  # weights in host memory, copied to the device per image (--stream-vision)
+    host_bytes: int = 0  # weights in host memory (--stream-vision, --host-embedding)
     stream_check: str = ""  # the image features after streaming against before (stream_vision_checked)
+    embedding_check: str = ""  # the prompt's embeddings after mapping against before (host_embedding_checked)
     int4_selection: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4.kernel_selection()
     int4_fused: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4_mma.variant_selection()
 
@@ -396,6 +399,7 @@ class ProfileSettings:
     attention: str = "fastest"  # FastEngine decode attention: sdpa | math | triton | fastest (timed on CUDA)
     fuse: str = "block"  # FastEngine int4 fusion: block | mlp | off (see FastEngine fuse_mlp, fuse_block)
     stream_vision: bool = False  # the ViT's blocks in host memory, streamed per image (qvlq.model.stream)
+    host_embedding: bool = False  # the token-embedding table in host memory, read in place (qvlq.model.stream)
     seed: int = 0
 
     def runs_for(self, context: int, on_gpu: bool) -> int:
@@ -913,7 +917,7 @@ def _model_info(model: Any, precision: str, source: str, random_weights: bool, b
         float_params=acc.float_params,
         weight_bytes=disk_bytes if disk_bytes is not None else acc.checkpoint_bytes,
         weight_bytes_kind="on disk" if disk_bytes is not None else "in memory (checkpoint format)",
-        resident_bytes=acc.resident_bytes, streamed_bytes=acc.streamed_bytes,
+        resident_bytes=acc.resident_bytes, host_bytes=acc.host_bytes,
         bits_per_weight_linears=acc.bits_per_weight_linears,
         bits_per_weight_overall=8 * (disk_bytes or acc.checkpoint_bytes) / max(acc.float_params, 1),
         read_bytes_per_token=acc.read_bytes_per_token, kv_bytes_per_token=acc.kv_bytes_per_token,
@@ -1028,12 +1032,14 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
                 v.source, device=device, dtype=s.dtype, int4_backend=s.int4_kernel, int4_lean=True
             )
             disk = sum(f.stat().st_size for f in weight_files(Path(v.source)))
-        checked = ""
+        checked = mapped = ""
         if s.stream_vision:
             checked = stream_vision_checked(model, pixels)
-            free_memory(device)
+        if s.host_embedding:  # after the Int4 variant's cast: a cast makes a new device table (mapped again here)
+            mapped = host_embedding_checked(model, torch.tensor([prompt_ids(tokenizer)], device=device))
+        free_memory(device)
         info, acc = _model_info(model, v.precision, v.source, v.random_weights, time.monotonic() - t0, disk)
-        info.stream_check = checked
+        info.stream_check, info.embedding_check = checked, mapped
         prof.models.append(info)
         log(
             f"{v.precision}: {info.weight_bytes / 1e9:.2f} GB weights, {acc.read_bytes_per_token / 1e9:.3f} GB read "
@@ -1053,6 +1059,9 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
                      "streaming): " + "; ".join(f"{m.precision}: {m.stream_check}" for m in prof.models)
                      + (" (the Int4 variant is packed in place from the streamed BF16 model)" if s.random_weights
                         else ""))  # fmt: skip
+    if s.host_embedding:
+        notes.append("Host-mapped embedding against the resident one (the prompt's embeddings, before and after "
+                     "mapping): " + "; ".join(f"{m.precision}: {m.embedding_check}" for m in prof.models))
     if build_error:
         notes.append(f"The Int4 variant could not be built ({build_error}); only BF16 was profiled.")
     return ProfileReport(
@@ -1101,6 +1110,11 @@ def report_notes(s: ProfileSettings, env: Environment, bandwidth: float, prompt:
                      "copied to the device, two block buffers in turn, each time an image is encoded. 'resident GB' "
                      "and the memory cells count the two buffers, not the blocks; TTFT includes the copies; decode "
                      "does not use the vision tower.")  # fmt: skip
+    if s.host_embedding:
+        notes.append("EMBEDDING IN HOST MEMORY (--host-embedding): the token-embedding table stays in pinned host "
+                     "memory and the GPU reads its rows in place across the bus (one row a decoded token). "
+                     "'resident GB' and the memory cells leave it out; its bytes are the '+ host' beside resident "
+                     "GB.")  # fmt: skip
     if s.windowed:
         notes.append(
             "Windowed cells (" + ", ".join(f"{e}@{c}" for e, c in s.windowed) + f"): the decode rate is estimated "

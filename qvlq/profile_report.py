@@ -139,7 +139,7 @@ def report_tables(report: ProfileReport) -> list[TableSpec]:
          "bits/w overall", "read GB/token", "KV KiB/token", "int4 kernels", "build s"],
         [[m.precision, m.source + (" (RANDOM)" if m.random_weights else ""), m.dtype, f"{m.float_params:,}",
           f"{gb(m.weight_bytes)} {m.weight_bytes_kind}",
-          gb(m.resident_bytes) + (f" (+{gb(m.streamed_bytes)} host)" if m.streamed_bytes else ""),
+          gb(m.resident_bytes) + (f" (+{gb(m.host_bytes)} host)" if m.host_bytes else ""),
           f"{m.bits_per_weight_linears:.3f}",
           f"{m.bits_per_weight_overall:.3f}", f"{m.read_bytes_per_token / 1e9:.3f}",
           f"{m.kv_bytes_per_token / 1024:.1f}", ", ".join(f"{k} x{v}" for k, v in m.int4_backends.items()) or "-",
@@ -292,7 +292,7 @@ def load_report(path: str | os.PathLike) -> ProfileReport:
             **{k: d[k] for k in ("settings", "bandwidth_gbs", "nominal_peak_gbs", "engines", "notes", "started")},
             seconds=d["seconds"],
             environment=Environment(**d["environment"]),
-            models=[ModelInfo(**m) for m in d["models"]],
+            models=[ModelInfo(**_renamed(m, streamed_bytes="host_bytes")) for m in d["models"]],
             speed=[SpeedCell(**{**c, "latency": c["latency"] and LatencyStats(**c["latency"])}) for c in d["speed"]],
             memory=[MemoryCell(**m) for m in d["memory"]],
             crosschecks=[CrossCheck(**c) for c in d["crosschecks"]],
@@ -300,6 +300,11 @@ def load_report(path: str | os.PathLike) -> ProfileReport:
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a qvlq profile report.json ({type(e).__name__}: {e})") from None
+
+
+def _renamed(d: dict[str, Any], **names: str) -> dict[str, Any]:
+    """d with keys of earlier report versions under their current names (old=new)."""
+    return {names.get(k, k): v for k, v in d.items()}
 
 
 def default_out_dir(device: str | torch.device | None = None) -> Path:

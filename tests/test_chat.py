@@ -258,7 +258,7 @@ def preloaded(monkeypatch, tiny_dir, tiny_model, tokenizer) -> None:
     """The CLI gets the session's tiny model instead of loading it again (loading has its own tests)."""
     import qvlq.cli
 
-    def load(model_dir: str, device, dtype, int4_kernel="auto", stream_vision=False):
+    def load(model_dir: str, device, dtype, int4_kernel="auto", stream_vision=False, host_embedding=False):
         assert model_dir == str(tiny_dir)
         return tiny_model, tokenizer
 

@@ -1,6 +1,7 @@
 """qvlq.model.stream: a stack of blocks in host memory run through two device slots (the vision tower's
---stream-vision). On CPU the slots are loaded synchronously; the CUDA test checks the copy stream's order and
-the device memory it saves."""
+--stream-vision), and the token-embedding table in host memory read in place (--host-embedding). On CPU the
+slots are loaded synchronously and the table is where it is; the CUDA tests check the copy stream's order, the
+mapped table's values inside a CUDA graph, and the device memory each saves."""
 
 from __future__ import annotations
 
@@ -15,8 +16,18 @@ from typer.testing import CliRunner
 from qvlq.cli import app
 from qvlq.image import pixels_for
 from qvlq.model.modeling import QWenLMHeadModel
-from qvlq.model.stream import StreamedBlocks, stream_vision, stream_vision_checked
+from qvlq.model.stream import (
+    StreamedBlocks,
+    _HostArray,
+    device_view,
+    host_embedding,
+    host_embedding_checked,
+    host_mapped,
+    stream_vision,
+    stream_vision_checked,
+)
 from qvlq.profile import ProfileSettings, run_profile, weight_accounting
+from qvlq.profile_report import load_report, report_json
 from qvlq.random_model import build_random_model, quantize_model_rtn
 
 HAS_CUDA = torch.cuda.is_available()
@@ -97,7 +108,7 @@ def test_streamed_vision_tower_keeps_features_checkpoint_and_accounting(tiny_dir
     acc, ref = weight_accounting(model), weight_accounting(tiny_model)
     assert (acc.checkpoint_bytes, acc.float_params) == (ref.checkpoint_bytes, ref.float_params)
     vit = sum(v.numel() * v.element_size() for k, v in sd.items() if ".visual.transformer." in k)
-    assert acc.streamed_bytes == st.host_bytes == vit > 0
+    assert acc.host_bytes == st.host_bytes == vit > 0
     assert acc.resident_bytes == ref.resident_bytes - vit + st.slot_bytes
 
 
@@ -119,7 +130,7 @@ def test_profile_with_a_streamed_vision_tower(tmp_path):
     report = run_profile(s)
     assert [c.status for c in report.speed] == ["ok"] * 4
     assert all(x.agree == x.compared == 8 for x in report.crosschecks)  # both engines, streamed tower
-    assert all(m.streamed_bytes > 0 and m.resident_bytes > 0 for m in report.models)
+    assert all(m.host_bytes > 0 and m.resident_bytes > 0 for m in report.models)
     assert [m.stream_check for m in report.models] == ["identical", "already streamed"]
     assert any("VISION TOWER STREAMED" in n for n in report.notes)
     assert any("bf16: identical; int4: already streamed" in n for n in report.notes)
@@ -146,6 +157,51 @@ def test_cli_chat_stream_vision_answers_as_the_resident_model(tiny_dir, image_fi
     plain, streamed = (CliRunner().invoke(app, a) for a in (args, [*args, "--stream-vision"]))
     assert plain.exit_code == streamed.exit_code == 0, plain.output + streamed.output
     assert json.loads(streamed.stdout) == json.loads(plain.stdout)
+
+
+def test_host_embedding_leaves_a_cpu_model_alone(tiny_dir):
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype="fp32")
+    wte = model.transformer.wte
+    w = wte.weight
+    assert host_embedding(model) == 0 and wte.weight is w and host_mapped(wte) is None
+    assert host_embedding_checked(model, torch.tensor([[1, 2]])).startswith("not mapped (CPU")
+    with pytest.raises(ValueError, match="contiguous pinned host tensor and a CUDA device"):
+        device_view(w.detach(), torch.device("cpu"))
+    table = w.detach().bfloat16()  # the array interface has no bfloat16: the table goes as int16 of its address
+    cai = _HostArray(table).__cuda_array_interface__
+    assert cai["typestr"] == "<i2" and cai["shape"] == tuple(table.shape) and cai["data"][0] == table.data_ptr()
+
+
+def test_accounting_moves_a_mapped_table_from_resident_to_host(tiny_dir):
+    """What host_embedding leaves behind, made by hand on CPU (the mapping itself needs CUDA: the GPU test):
+    the table is counted once, in host bytes; a cast that replaces the weight ends the mapping."""
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, dtype="fp32")
+    ref = weight_accounting(model)
+    wte = model.transformer.wte
+    wte.host_weight = wte.weight.data  # the view and its host tensor share one address, as on CUDA
+    table = wte.weight.numel() * 4
+    acc = weight_accounting(model)
+    assert host_mapped(wte) is wte.host_weight and acc.host_bytes == table > 0
+    assert acc.resident_bytes == ref.resident_bytes - table
+    assert (acc.checkpoint_bytes, acc.float_params, acc.read_bytes_per_token) == (
+        ref.checkpoint_bytes, ref.float_params, ref.read_bytes_per_token)  # fmt: skip
+    wte.weight.data = wte.weight.data.half()  # a cast (the random Int4 variant's fp16) makes a new table
+    assert host_mapped(wte) is None and weight_accounting(model).host_bytes == 0
+
+
+def test_profile_with_host_embedding_on_cpu_says_it_mapped_nothing(tmp_path):
+    s = ProfileSettings(random_weights="tiny", device="cpu", runs=[1], warmup_tokens=4, crosscheck_tokens=8,
+                        contexts=[292], engines=["fast"], precisions=["bf16"], host_embedding=True)  # fmt: skip
+    report = run_profile(s)
+    assert [c.status for c in report.speed] == ["ok"] and report.models[0].host_bytes == 0
+    assert report.models[0].embedding_check.startswith("not mapped (CPU")
+    assert any("EMBEDDING IN HOST MEMORY" in n for n in report.notes)
+    d = json.loads(json.dumps(report_json(report)))  # a report.json of stop 17 named host_bytes streamed_bytes
+    for m in d["models"]:
+        m["streamed_bytes"] = m.pop("host_bytes") + 5
+        del m["embedding_check"]
+    (tmp_path / "report.json").write_text(json.dumps(d))
+    assert load_report(tmp_path / "report.json").models[0].host_bytes == 5
 
 
 @pytest.mark.gpu
@@ -301,3 +357,41 @@ def test_copy_stream_schedule_is_race_free(n, monkeypatch):
         _scheduled(st2, bad, monkeypatch)
         st2(x)
         assert any("races" in r for r in bad.races())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_cuda_host_embedding_reads_the_pinned_table_in_place(tiny_dir, image_file):
+    """The table leaves the allocator, the device reads the pinned host copy at its own address (eagerly and
+    from a replayed CUDA graph with new ids), values and state dict unchanged, and chat answers as before."""
+    dev = torch.device("cuda")
+    model = QWenLMHeadModel.from_pretrained(tiny_dir, device=dev, dtype="fp32")
+    wte = model.transformer.wte
+    ids = torch.randint(0, wte.num_embeddings, (2, 7), device=dev)
+    want, table = wte(ids), wte.weight.detach().cpu()
+    before = torch.cuda.memory_allocated(dev)
+    assert host_embedding_checked(model, ids) == "identical"
+    assert before - torch.cuda.memory_allocated(dev) >= table.numel() * 4
+    host = host_mapped(wte)
+    assert host is not None and host.is_pinned() and wte.weight.is_cuda and wte.weight.data_ptr() == host.data_ptr()
+    assert host_embedding(model) == table.numel() * 4 and host_mapped(wte) is host  # idempotent
+    assert torch.equal(model.state_dict()["transformer.wte.weight"].cpu(), table)
+    graph, static = torch.cuda.CUDAGraph(), ids.clone()
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side), torch.no_grad():
+        wte(static)  # warm-up off the capture, as torch asks
+    torch.cuda.current_stream(dev).wait_stream(side)
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = wte(static)
+    for _ in range(2):
+        new = torch.randint(0, wte.num_embeddings, ids.shape, device=dev)
+        static.copy_(new)
+        graph.replay()
+        assert torch.equal(out.cpu(), table[new.cpu()])
+    assert torch.equal(wte(ids), want)
+    args = ["chat", str(tiny_dir), "--image", str(image_file), "what is this?", "--greedy", "--max-new-tokens", "6",
+            "--dtype", "fp32", "--device", "cuda", "--json"]  # fmt: skip
+    plain, mapped = (CliRunner().invoke(app, a) for a in (args, [*args, "--host-embedding"]))
+    assert plain.exit_code == mapped.exit_code == 0, plain.output + mapped.output
+    assert json.loads(mapped.stdout) == json.loads(plain.stdout)

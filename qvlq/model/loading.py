@@ -216,16 +216,17 @@ def load_pretrained(cls: type, name_or_path: Any, **kwargs: Any) -> Any:
 
 
 def load_model_and_tokenizer(
-    model_dir: Any, device: Any = None, dtype: Any = "auto", int4_backend: str = "auto", stream_vision: bool = False
+    model_dir: Any, device: Any = None, dtype: Any = "auto", int4_backend: str = "auto", stream_vision: bool = False,
+    host_embedding: bool = False,
 ) -> tuple[Any, Any]:  # fmt: skip
     """(QWenLMHeadModel, QWenTokenizer) from one official-layout directory or hub id; an Int4 model's layers
-    on `int4_backend` (qvlq.int4.BACKENDS); stream_vision: the ViT's blocks in host memory (qvlq.model.stream)."""
+    on `int4_backend` (qvlq.int4.BACKENDS); stream_vision: the ViT's blocks in host memory; host_embedding: the
+    token-embedding table in host memory, read in place (both qvlq.model.stream)."""
     from ..tokenizer import QWenTokenizer
     from .modeling import QWenLMHeadModel
-    from .stream import stream_vision as stream
+    from .stream import keep_in_host
 
     path = resolve_model_dir(model_dir)
     model = QWenLMHeadModel.from_pretrained(path, device=device, dtype=dtype, int4_backend=int4_backend)
-    if stream_vision:
-        stream(model)
+    keep_in_host(model, stream_vision, host_embedding)
     return model, QWenTokenizer.from_pretrained(str(path))

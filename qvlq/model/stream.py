@@ -1,4 +1,6 @@
-"""Streamed blocks: a stack of same-shaped blocks kept in (pinned) host memory and run on the device two
+"""Weights kept in pinned host memory instead of device memory, two ways.
+
+Streamed blocks: a stack of same-shaped blocks kept in (pinned) host memory and run on the device two
 at a time, the next block's weights copied on a side stream while the current one computes.
 
 Why: Qwen-VL's 48 ViT blocks hold 1.84 B parameters, 3.7 GB of the official Int4 checkpoint's 9.7 GB
@@ -6,12 +8,19 @@ Why: Qwen-VL's 48 ViT blocks hold 1.84 B parameters, 3.7 GB of the official Int4
 drop to ~6 GB; each image then costs one host-to-device copy of the ViT (3.7 GB: ~75 ms at PCIe 5's
 ~50 GB/s, ~150 ms at PCIe 4's; inferred, not measured), paid in the time to first token. Decode does not
 touch the vision tower, so decode speed is unchanged. Inference only: the blocks' weights are frozen.
+
+A host-mapped embedding: the token-embedding table stays in pinned host memory and the device reads it in
+place, across the bus (`device_view`). Why: a step reads one row of it (8 KB for Qwen-VL's 4096-wide bf16
+rows; a 2047-token prefill reads 16 MB), yet the table is 151936 rows, 1.24 GB, 13% of the official Int4
+checkpoint. Mapped, it leaves device memory for a few microseconds of bus latency per step (inferred, not
+measured), and nothing is copied per image or per step.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -155,7 +164,90 @@ def stream_vision_checked(model: nn.Module, pixels: Tensor) -> str:
         return "already streamed"
     want = visual(pixels)
     stream_vision(model)
-    got = visual(pixels)
+    return _same(visual(pixels), want)
+
+
+def _same(got: Tensor, want: Tensor) -> str:
     if torch.equal(got, want):
         return "identical"
     return f"DIFFERENT: max abs difference {float((got.float() - want.float()).abs().max()):.3g}"
+
+
+# the CUDA array interface has no bfloat16: a table is shared as ints of its element size and viewed back
+_INT_OF_SIZE = {1: (torch.uint8, "|u1"), 2: (torch.int16, "<i2"), 4: (torch.int32, "<i4"), 8: (torch.int64, "<i8")}
+
+
+class _HostArray:
+    """A pinned host tensor presented through the CUDA array interface; alive as long as the device view."""
+
+    def __init__(self, host: Tensor) -> None:
+        self.host = host
+        _, typestr = _INT_OF_SIZE[host.element_size()]
+        self.__cuda_array_interface__: dict[str, Any] = {
+            "shape": tuple(host.shape), "typestr": typestr, "data": (host.data_ptr(), False), "strides": None,
+            "version": 3,
+        }  # fmt: skip
+
+
+def device_view(host: Tensor, device: torch.device) -> Tensor:
+    """A `device` tensor over the pinned, contiguous `host` tensor's memory (no copy): kernels that read it
+    read host memory across the bus. Under CUDA's unified addressing (every 64-bit platform) an allocation of
+    cudaHostAlloc, which is what torch's pinned allocator makes, has the same address on the device. The
+    caching allocator never sees the view, so memory_allocated() and NVML leave it out, as they should."""
+    if device.type != "cuda" or not host.is_pinned() or not host.is_contiguous():
+        raise ValueError("device_view needs a contiguous pinned host tensor and a CUDA device")
+    as_int, _ = _INT_OF_SIZE[host.element_size()]
+    view = torch.asarray(_HostArray(host), device=device, copy=False)
+    if view.data_ptr() != host.data_ptr() or view.dtype != as_int:
+        raise RuntimeError("torch copied the host tensor instead of mapping it")
+    return view.view(host.dtype)
+
+
+def host_mapped(module: nn.Module) -> Tensor | None:
+    """The host tensor behind `module.weight` if host_embedding mapped it and nothing has replaced it since
+    (a cast, or a .to() to another device, makes a new device tensor), else None."""
+    host = getattr(module, "host_weight", None)
+    if host is None or module.weight.data_ptr() != host.data_ptr():
+        return None
+    return host
+
+
+def host_embedding(model: nn.Module) -> int:
+    """Keep a loaded Qwen-VL model's token-embedding table in pinned host memory, read by the device in place
+    (see the module docstring). Returns the bytes it holds in host memory: 0 off CUDA, where the table is in
+    host memory already. Idempotent; map again after a cast."""
+    wte = model.transformer.wte
+    w = wte.weight
+    if w.device.type != "cuda":
+        return 0
+    host = host_mapped(wte)
+    if host is None:
+        host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+        host.copy_(w.detach())
+        wte.weight = nn.Parameter(device_view(host, w.device), requires_grad=False)
+        wte.host_weight = host  # a plain attribute: not in the state dict, which holds the view
+        del w
+        torch.cuda.empty_cache()  # give the table's device memory back, as NVML reports it
+    return host.numel() * host.element_size()
+
+
+@torch.no_grad()
+def host_embedding_checked(model: nn.Module, ids: Tensor) -> str:
+    """host_embedding, with the embeddings of `ids` compared before and after: "identical", how they differ,
+    "already mapped", or "not mapped (CPU)"."""
+    wte = model.transformer.wte
+    if host_mapped(wte) is not None:
+        return "already mapped"
+    if wte.weight.device.type != "cuda":
+        return "not mapped (CPU: the table is in host memory already)"
+    want = wte(ids)
+    host_embedding(model)
+    return _same(wte(ids), want)
+
+
+def keep_in_host(model: nn.Module, stream: bool, embedding: bool) -> None:
+    """The loaders' --stream-vision and --host-embedding: see stream_vision and host_embedding."""
+    if stream:
+        stream_vision(model)
+    if embedding:
+        host_embedding(model)
