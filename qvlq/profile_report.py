@@ -9,7 +9,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,63 @@ def weights_kv_ratio(report: ProfileReport, m: MemoryCell) -> float | None:
         return None
     kv = report.engines.get(f"{m.precision}/{m.engine}@{m.context}", {}).get("kv_cache_bytes")
     return m.allocated_bytes / (info.resident_bytes + (kv or info.kv_bytes_per_token * m.context))
+
+
+@dataclass
+class Int4Ratio:
+    """An Int4 model against the float baseline in the same engine and context: what a user deciding whether
+    Int4 is worth it reads first (the profile issue's "Int4/BF16 >= 2.5x"; the seed's was 1.31x)."""
+
+    int4: str
+    baseline: str
+    engine: str
+    context: int
+    decode_speedup: float | None  # int4 decode tok/s / baseline's
+    e2e_speedup: float | None
+    encode_memory: float | None  # int4 peak allocated / baseline's (GPU; None on CPU, where only RSS is known)
+    generate_memory: float | None
+    complete: bool  # both speed cells ran every planned token and run ("ok")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def int4_ratios(report: ProfileReport) -> list[Int4Ratio]:
+    """Each int* model against the first float model, per engine and context both were run in."""
+    precs = [m.precision for m in report.models]
+    base = next((p for p in precs if not p.startswith("int")), None)
+    out = []
+    for q in (p for p in precs if p.startswith("int")) if base else ():
+        for c in report.speed:
+            if c.precision != q or (b := _speed(report, base, c.engine, c.context)) is None:
+                continue
+            enc, gen = (_ratio(_alloc(report, q, c.engine, f"{k} {c.context}"),
+                               _alloc(report, base, c.engine, f"{k} {c.context}")) for k in ("encode", "generate"))
+            out.append(Int4Ratio(q, base, c.engine, c.context, _ratio(c.decode_tok_s, b.decode_tok_s),
+                                 _ratio(c.e2e_tok_s, b.e2e_tok_s), enc, gen, c.status == b.status == "ok"))  # fmt: skip
+    return out
+
+
+def _alloc(report: ProfileReport, prec: str, eng: str, cell: str) -> int | None:
+    m = _mem(report, prec, eng, cell)
+    return m.allocated_bytes if m else None
+
+
+def _seed_ratio_rows(seed: dict[str, dict[str, float]]) -> list[list[str]]:
+    if not {"int4", "bf16"} <= seed.keys():
+        return []
+    q, b = seed["int4"], seed["bf16"]
+
+    def x(key: str) -> str:
+        return _x(_ratio(q[key], b[key]))
+
+    return [["int4 / bf16 (seed)", "A100 HF", "2048", x("tok_s@2048"), "-", x("peak_gb@encode 2048"), "-"],
+            ["int4 / bf16 (seed)", "A100 HF", "8192", x("tok_s@8192"), "-", "-", x("peak_gb@generate 8192")]]
+
+
+def _x(r: float | None) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
 
 
 def _speed_text(c: SpeedCell | None) -> str:
@@ -102,6 +159,18 @@ def report_tables(report: ProfileReport) -> list[TableSpec]:
             ["precision", "tok/s @2048", "tok/s @8192", "peak GB encode 2048", "peak GB generate 8192"],
             [[p, *(f"{r[k]:.2f}" for k in ("tok_s@2048", "tok_s@8192", "peak_gb@encode 2048",
                                             "peak_gb@generate 8192"))] for p, r in report.seed_reference.items()],
+        ))  # fmt: skip
+
+    ratios = int4_ratios(report)
+    if ratios:
+        tables.append(TableSpec(
+            "Int4 against the float model (same engine and context)",
+            ["models", "engine", "ctx", "decode speedup", "e2e speedup", "peak alloc encode", "peak alloc generate"],
+            [[f"{r.int4} / {r.baseline}", r.engine, str(r.context), _x(r.decode_speedup) + ("" if r.complete else " *"),
+              _x(r.e2e_speedup), _x(r.encode_memory), _x(r.generate_memory)] for r in ratios]
+            + _seed_ratio_rows(report.seed_reference),
+            "* = a speed cell did not run in full (see status in the detail table). Memory: torch peak allocated "
+            "(GPU only). Seed rows: the README's A100 figures.",
         ))  # fmt: skip
 
     detail = TableSpec(
@@ -281,7 +350,9 @@ def plot_memory(report: ProfileReport, path: Path) -> None:
 
 
 def report_json(report: ProfileReport) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(report), default=str))
+    d = asdict(report)
+    d["int4_ratios"] = [asdict(r) for r in int4_ratios(report)]  # derived, for readers of the JSON
+    return json.loads(json.dumps(d, default=str))
 
 
 def load_report(path: str | os.PathLike) -> ProfileReport:

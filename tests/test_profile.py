@@ -377,3 +377,30 @@ def test_memory_table_gives_peak_over_weights_and_kv():
     assert weights_kv_ratio(report, hf) == pytest.approx(
         cell.allocated_bytes / (int4.resident_bytes + int4.kv_bytes_per_token * 2048))
     assert weights_kv_ratio(report, dataclasses.replace(cell, allocated_bytes=None)) is None  # CPU cells
+
+
+def test_int4_ratios_pair_each_cell_with_the_float_model():
+    """Int4 against BF16 per engine and context, from the committed H100 report (2.32x at 2048: the figure the
+    notes computed by hand), with the seed's ratios beside them; a missing baseline cell gives no row."""
+    import dataclasses
+    from pathlib import Path
+
+    from qvlq.profile_report import int4_ratios, load_report, report_json
+
+    report = load_report(Path(__file__).parents[1] / "reports/profile/h100-compiled-full-2026-11-27/report.json")
+    got = {(r.engine, r.context): r for r in int4_ratios(report)}
+    assert set(got) == {("fast", 2048), ("fast", 8192)}
+    speed = {(c.precision, c.context): c for c in report.speed}
+    r = got["fast", 2048]
+    assert r.decode_speedup == pytest.approx(speed["int4", 2048].decode_tok_s / speed["bf16", 2048].decode_tok_s)
+    assert round(r.decode_speedup, 2) == 2.32 and r.complete and 0.5 < r.encode_memory < 0.6
+    assert not got["fast", 8192].complete  # BF16 at 8192 stopped on the time budget (partial)
+    table = next(t for t in report_tables(report) if t.title.startswith("Int4 against"))
+    assert table.rows[0][:4] == ["int4 / bf16", "fast", "2048", "2.32x"] and table.rows[1][3] == "2.10x *"
+    assert [row[3] for row in table.rows[2:]] == ["1.31x", "1.41x"]  # the seed: 37.79 / 28.87, 34.34 / 24.32
+    assert [x["decode_speedup"] for x in report_json(report)["int4_ratios"]] == [
+        got["fast", 2048].decode_speedup, got["fast", 8192].decode_speedup]
+
+    alone = dataclasses.replace(report, speed=[c for c in report.speed if (c.precision, c.context) != ("bf16", 8192)])
+    assert [(r.engine, r.context) for r in int4_ratios(alone)] == [("fast", 2048)]
+    assert int4_ratios(dataclasses.replace(report, models=report.models[1:])) == []  # no float model
