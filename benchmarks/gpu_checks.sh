@@ -17,6 +17,7 @@
 #      <= 100 s)
 #   5b. the same with the vision tower streamed from host memory too (--stream-vision): memory and time to first
 #      token; --stream-vision alone if step 5 brought back no Int4 figure          (qvlq profile, <= 100 s)
+#   then the issue's targets over the profiles that came back (benchmarks/profile_targets.py -> targets.md)
 #   1. CUDA tests of qvlq's int4 kernels (Triton, mma) and of chat's CUDA-graph engine (pytest -m gpu, <= 150 s)
 #      if the budget has room left
 #   4. the compiled decode step kernel by kernel, with the same int4 choice  (benchmarks/decode_kernels.py)
@@ -36,7 +37,7 @@
 #   FUSE=mlp|off  profile with less of the FastEngine's int4 fusion (default block; step 4b measures off)
 # Output in $OUT: gpu-checks.log, mma-diagnose.json, int4-gemv.json, decode-attention.json, decode-kernels.json,
 # decode-kernels-unfused.json, decode-kernels-nopdl.json, profile-full.log, profile-full/, profile-host-embedding.log,
-# profile-host-embedding/, profile-host-weights.log, profile-host-weights/.
+# profile-host-embedding/, profile-host-weights.log, profile-host-weights/, targets.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output directory}"
@@ -132,6 +133,16 @@ if grep -qsE '^│ int4 +│ fast +│ [0-9]' "$OUT/profile-host-embedding.log";
         --stream-vision
 else  # the mapped table failed (or 5 did not run): the streamed tower alone
     run_host 5b profile-host-weights "the vision tower streamed from host memory" --stream-vision
+fi
+
+# the issue's targets over every profile that came back so far (a few seconds; a later step cut off by the device
+# call's limit cannot take it along)
+REPORTS=$(ls "$OUT"/profile-*/report.json "$OUT"/fallback/profile-*/report.json 2>/dev/null)
+if [[ -n $REPORTS ]]; then
+    # shellcheck disable=SC2086
+    "$PY" benchmarks/profile_targets.py $REPORTS --out "$OUT/targets.md" > /dev/null 2>&1
+    say "targets: rc=$?; $(grep -cE '\| NO \|' "$OUT/targets.md" 2>/dev/null) not met (targets.md)"
+    grep -E '^\| ' "$OUT/targets.md" 2>/dev/null | tee -a "$LOG"
 fi
 
 if want 1 && (( $(left) >= 40 )); then

@@ -390,6 +390,9 @@ def test_cuda_host_embedding_reads_the_pinned_table_in_place(tiny_dir, image_fil
         graph.replay()
         assert torch.equal(out.cpu(), table[new.cpu()])
     assert torch.equal(wte(ids), want)
+    wte.weight.data = wte.weight.data.half()  # the random Int4 variant's cast: a device table again, mapped again
+    assert host_mapped(wte) is None and host_embedding(model) == table.numel() * 2
+    assert host_mapped(wte).dtype == torch.float16 and torch.equal(wte(ids), want.half())
     args = ["chat", str(tiny_dir), "--image", str(image_file), "what is this?", "--greedy", "--max-new-tokens", "6",
             "--dtype", "fp32", "--device", "cuda", "--json"]  # fmt: skip
     plain, mapped = (CliRunner().invoke(app, a) for a in (args, [*args, "--host-embedding"]))

@@ -222,6 +222,7 @@ def host_embedding(model: nn.Module) -> int:
         return 0
     host = host_mapped(wte)
     if host is None:
+        wte.host_weight = None  # a stale table (a cast replaced the weight) goes before the new one is pinned
         host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
         host.copy_(w.detach())
         wte.weight = nn.Parameter(device_view(host, w.device), requires_grad=False)
