@@ -56,6 +56,7 @@ from .int4_triton import (
     triton_error,
 )
 from .model.modeling import apply_rope, rope_cos_sin
+from .tuning import config_list, digest, dump_tune, load_tune, remember
 
 
 class Config(NamedTuple):
@@ -451,5 +452,9 @@ def tuned(batch: int, heads: int, head_dim: int, max_len: int, dtype: torch.dtyp
     """tune() once per cache geometry and device (cached in TUNED)."""
     key = (batch, heads, head_dim, max_len, dtype, str(device))
     if key not in TUNED:
-        TUNED[key] = tune(batch, heads, head_dim, max_len, dtype, device)
+        disk_key = (*key[:5], config_list(configs_for(device)), digest(__file__))
+        TUNED[key] = remember(
+            "decode_attention", disk_key, device, lambda: tune(batch, heads, head_dim, max_len, dtype, device),
+            dump_tune, load_tune(TuneResult, Config),
+        )  # fmt: skip
     return TUNED[key]

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from qvlq import int4_mma, int4_triton
 from qvlq.gptq import QuantResult
+from qvlq.tuning import digest, remember
 
 BACKENDS = ("auto", "fastest", "dequant", "int4_cpu", "int4_cuda", "triton", "mma")
 # Read in one place (QuantLinear._choose): what prepare("auto") means for layers on CUDA, e.g. to
@@ -86,6 +87,13 @@ def fastest_candidates() -> tuple[str, ...]:
 def fastest_choices() -> list[dict[str, Any]]:
     """What prepare("fastest") measured and chose, one entry per distinct layer shape (for reports)."""
     return [dict(v) for v in FASTEST.values()]
+
+
+def _fastest_record(d: Any) -> dict[str, Any]:
+    """A "fastest" record read back from the tuning cache (qvlq.tuning), checked for the one key used."""
+    if not isinstance(d, dict) or d.get("choice") not in CUDA_KERNELS:
+        raise ValueError(f"not a fastest record: {d!r:.80}")
+    return dict(d)
 
 
 def kernel_selection() -> list[dict[str, Any]]:
@@ -464,33 +472,42 @@ class QuantLinear(nn.Module):
         """Time every usable CUDA kernel (tuned) at one row, once per (out, in, group, dtype)."""
         key = (self.out_features, self.in_features, gs, str(dtype).removeprefix("torch."))
         if key not in FASTEST:
-            rec: dict[str, Any] = {
-                "out_features": self.out_features, "in_features": self.in_features, "group_size": gs, "dtype": key[3],
-            }  # fmt: skip
             usable = [b for b in fastest_candidates() if self._int4_ok(b) is None]
-            if "int4_cuda" in usable:
-                x = torch.randn(1, self.in_features, device=codes.device).to(dtype)
-                rec["int4_cuda_us"] = time_tinygemm(x, _pack_torch_int4("int4_cuda", codes, zeros, scales, gs)) * 1e6
-            mdtype = dtype if dtype in int4_mma.FORMATS else torch.bfloat16
-            tuners = {  # qvlq's kernels, tuned per config
-                "triton": lambda: int4_triton.tuned(int4_triton.pack(codes, zeros, scales, gs), dtype),
-                "mma": lambda: int4_mma.tuned(int4_mma.pack(codes, zeros, scales, gs, mdtype)),
-            }
-            for name, tune in tuners.items():
-                if name not in usable:
-                    continue
-                try:
-                    res = tune()
-                    rec[f"{name}_us"], rec[f"{name}_config"] = res.seconds[res.best.name] * 1e6, res.best.name
-                    rec[f"{name}_configs_us"] = {c: s * 1e6 for c, s in res.seconds.items()}
-                except RuntimeError as e:  # no config compiled and matched the reference: recorded, skipped
-                    rec[f"{name}_error"] = str(e)[:300]
-            timed = {b: rec[f"{b}_us"] for b in CUDA_KERNELS if f"{b}_us" in rec}
-            if not timed:
-                raise RuntimeError(f"no int4 CUDA kernel could be timed for {key}: {rec}")
-            rec["choice"] = min(timed, key=timed.__getitem__)
-            FASTEST[key] = rec
+            sources = digest(__file__, int4_mma.__file__, int4_triton.__file__)
+            FASTEST[key] = remember("int4 fastest", (*key, usable, sources), codes.device,
+                                    lambda: self._time_kernels(key, usable, codes, zeros, scales, gs, dtype),
+                                    dict, _fastest_record)  # fmt: skip
         return FASTEST[key]["choice"]
+
+    def _time_kernels(
+        self, key: tuple, usable: list[str], codes: Tensor, zeros: Tensor, scales: Tensor, gs: int, dtype: torch.dtype
+    ) -> dict[str, Any]:
+        """_fastest's measurement: each usable kernel timed (qvlq's own tuned first), the fastest named."""
+        rec: dict[str, Any] = {
+            "out_features": self.out_features, "in_features": self.in_features, "group_size": gs, "dtype": key[3],
+        }  # fmt: skip
+        if "int4_cuda" in usable:
+            x = torch.randn(1, self.in_features, device=codes.device).to(dtype)
+            rec["int4_cuda_us"] = time_tinygemm(x, _pack_torch_int4("int4_cuda", codes, zeros, scales, gs)) * 1e6
+        mdtype = dtype if dtype in int4_mma.FORMATS else torch.bfloat16
+        tuners = {  # qvlq's kernels, tuned per config
+            "triton": lambda: int4_triton.tuned(int4_triton.pack(codes, zeros, scales, gs), dtype),
+            "mma": lambda: int4_mma.tuned(int4_mma.pack(codes, zeros, scales, gs, mdtype)),
+        }
+        for name, tune in tuners.items():
+            if name not in usable:
+                continue
+            try:
+                res = tune()
+                rec[f"{name}_us"], rec[f"{name}_config"] = res.seconds[res.best.name] * 1e6, res.best.name
+                rec[f"{name}_configs_us"] = {c: s * 1e6 for c, s in res.seconds.items()}
+            except RuntimeError as e:  # no config compiled and matched the reference: recorded, skipped
+                rec[f"{name}_error"] = str(e)[:300]
+        timed = {b: rec[f"{b}_us"] for b in CUDA_KERNELS if f"{b}_us" in rec}
+        if not timed:
+            raise RuntimeError(f"no int4 CUDA kernel could be timed for {key}: {rec}")
+        rec["choice"] = min(timed, key=timed.__getitem__)
+        return rec
 
     def _float_weight(self, dtype: torch.dtype) -> Tensor:
         w = self._cache.get("w")

@@ -66,6 +66,7 @@ from torch import Tensor
 from qvlq import int4_triton
 from qvlq.io import atomic_write_bytes, user_cache_dir
 from qvlq.model.modeling import rms_norm  # what the norm prologue computes
+from qvlq.tuning import config_list, digest, dump_tune, load_tune, remember
 
 CHUNK = 64  # inputs per 16-byte lane load (4 mma tiles of 16)
 # dtype -> (magic halves, magic value, mma type, 1.0 halves); magic | q reads as magic value + q
@@ -1254,10 +1255,12 @@ def tune(p: Packed, bias: Tensor | None = None, calls: int = 200, repeats: int =
 
 
 def tuned(p: Packed) -> TuneResult:
-    """tune() once per (N, K, group, dtype): cached in TUNED."""
+    """tune() once per (N, K, group, dtype): cached in TUNED, and on disk (qvlq.tuning)."""
     key = (p.out_features, p.in_features, p.group_size, p.dtype)
     if key not in TUNED:
-        TUNED[key] = tune(p)
+        dev = p.qweight.device
+        disk_key = (*key, config_list(configs_for(dev)), digest(__file__))
+        TUNED[key] = remember("int4_mma", disk_key, dev, lambda: tune(p), dump_tune, load_tune(TuneResult, Config))
     return TUNED[key]
 
 
@@ -1347,7 +1350,11 @@ def tuned_variant(
     layers), once per (N, K, group, dtype, flags): cached in VARIANT_TUNED."""
     key = (p.out_features, p.in_features, p.group_size, p.dtype, flags_name(flags))
     if key not in VARIANT_TUNED:
-        VARIANT_TUNED[key] = tune_variant(p, bias, flags, ranked_configs(first, ranked_by))
+        candidates = ranked_configs(first, ranked_by)
+        VARIANT_TUNED[key] = remember(
+            "int4_mma variant", (*key, config_list(candidates), digest(__file__)), p.qweight.device,
+            lambda: tune_variant(p, bias, flags, candidates), dump_tune, load_tune(TuneResult, Config),
+        )  # fmt: skip
     return VARIANT_TUNED[key]
 
 

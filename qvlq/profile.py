@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import tuning
 from .int4 import backend_problem, int4_backends
 from .int4_mma import variant_selection
 from .measure import (
@@ -951,6 +952,7 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # events and streams follow the current device
     started = datetime.now().isoformat(timespec="seconds")
+    loaded_before = len(tuning.LOADED)
 
     # what to profile
     variants: list[_Variant] = []
@@ -1062,6 +1064,11 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
     if s.host_embedding:
         notes.append("Host-mapped embedding against the resident one (the prompt's embeddings, before and after "
                      "mapping): " + "; ".join(f"{m.precision}: {m.embedding_check}" for m in prof.models))
+    if len(tuning.LOADED) > loaded_before:
+        notes.append("Tuning results loaded from the on-disk cache instead of timed in this run (qvlq.tuning: "
+                     "measured earlier by another process on this device with the same software and kernel "
+                     "sources; QVLQ_CACHE_DIR=off times everything again): "
+                     + tuning.summary(tuning.LOADED[loaded_before:]) + ".")  # fmt: skip
     if build_error:
         notes.append(f"The Int4 variant could not be built ({build_error}); only BF16 was profiled.")
     return ProfileReport(

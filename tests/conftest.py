@@ -21,6 +21,15 @@ REFERENCE = (REPO / ".." / "shared" / "reference").resolve()
 REAL_VOCAB = REPO / "qvlq" / "assets" / "qwen.tiktoken"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Compiled kernels and tuning results (qvlq.io.user_cache_dir) go to a directory of this session, not the
+    user's: a test never loads what another run measured, and never leaves anything behind."""
+    path = tmp_path_factory.mktemp("qvlq-cache")
+    os.environ["QVLQ_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def reference() -> Path:
     assert REFERENCE.is_dir(), f"reference data missing: {REFERENCE}"
