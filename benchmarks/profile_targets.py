@@ -10,6 +10,8 @@ Targets (the issue's): the fast engine's Int4 decode >= 60% of the bandwidth bou
 (torch's peak allocated over the device-resident weights and the static cache), encode-2048 <= 10.5 GB and
 generate-8192 <= 14.8 GB. A report made with --host-embedding or --stream-vision is labelled so, since its
 memory cells leave the host weights out. Targets no report measured are listed as not measured.
+What keeping weights in host memory costs is listed after the targets: each such report's decode tok/s and
+time to first token against the same cell of a report without those flags.
 
 Exit status 0 whether or not the targets are met; 2 when a report cannot be read.
 """
@@ -82,13 +84,32 @@ def checks_of(path: Path, report: ProfileReport) -> list[Check]:
     return out
 
 
+def _host_modes(report: ProfileReport) -> bool:
+    return bool(report.settings.get("host_embedding") or report.settings.get("stream_vision"))
+
+
+def host_costs(reports: list[tuple[Path, ProfileReport]]) -> list[Check]:
+    """Each fast cell of a report with weights in host memory against the same cell of a report without."""
+    resident = {(c.precision, c.context): c for _, r in reports if not _host_modes(r) for c in r.speed
+                if c.engine == "fast" and c.decode_tok_s}  # fmt: skip
+    out = []
+    for path, r in reports:
+        for c in (c for c in r.speed if _host_modes(r) and c.engine == "fast" and c.decode_tok_s):
+            base = resident.get((c.precision, c.context))
+            if base is not None:
+                ttft = f", TTFT {c.ttft_ms / base.ttft_ms:.2f}x" if c.ttft_ms and base.ttft_ms else ""
+                out.append(Check(f"cost: {c.precision} fast @{c.context} against resident weights", "",
+                                 f"decode {c.decode_tok_s / base.decode_tok_s:.3f}x{ttft}", None, label(path, r)))
+    return out
+
+
 def all_checks(paths: list[Path]) -> tuple[list[Check], list[str]]:
-    """The checks of every report, then one "not measured" row per target none of them measured; and the
-    devices the reports ran on."""
+    """The checks of every report, then one "not measured" row per target none of them measured, then what the
+    host-memory modes cost (host_costs); and the devices the reports ran on."""
     checks: list[Check] = []
     devices = []
-    for p in paths:
-        report = load_report(p)
+    reports = [(p, load_report(p)) for p in paths]
+    for p, report in reports:
         devices.append(f"{label(p, report)}: {report.environment.device_name}")
         checks += checks_of(p, report)
     targets = ([f"fast {p} % of bound @{c}" for p, c, _ in PCT_BOUND] + ["fast bf16 % of bound @2048"]
@@ -96,7 +117,7 @@ def all_checks(paths: list[Path]) -> tuple[list[Check], list[str]]:
                + [f"int4 {cell}: peak allocated" for cell, _ in MEMORY_GB])  # fmt: skip
     seen = {c.target for c in checks}
     checks += [Check(t, "", "not measured", None, "-") for t in targets if t not in seen]
-    return checks, devices
+    return checks + host_costs(reports), devices
 
 
 def table(checks: list[Check], devices: list[str]) -> TableSpec:

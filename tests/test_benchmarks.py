@@ -163,4 +163,11 @@ def test_profile_targets_on_the_committed_h100_report(tmp_path: Path) -> None:
     assert got["fast int4/bf16 decode @2048"] == ("not measured", None, "-")  # no BF16 in that report
     assert "| int4 encode 2048: peak allocated | <= 10.5 GB | 10.00 GB | yes | he (--host-embedding) |" in (
         tmp_path / "t.md").read_text()
+    slower = dataclasses.replace(mapped, speed=[dataclasses.replace(c, decode_tok_s=c.decode_tok_s * 0.99,
+                                                                      ttft_ms=c.ttft_ms * 1.5) for c in mapped.speed])
+    (tmp_path / "he/report.json").write_text(json.dumps(report_json(slower)))
+    checks, _ = targets.all_checks([h100, tmp_path / "he/report.json"])  # what the host table costs, per cell
+    costs = {c.target: c.got for c in checks if c.target.startswith("cost:")}
+    assert costs == {"cost: int4 fast @2048 against resident weights": "decode 0.990x, TTFT 1.50x",
+                     "cost: int4 fast @8192 against resident weights": "decode 0.990x, TTFT 1.50x"}  # fmt: skip
     assert targets.main([str(tmp_path / "missing.json")]) == 2
