@@ -474,7 +474,8 @@ class QuantLinear(nn.Module):
         if key not in FASTEST:
             usable = [b for b in fastest_candidates() if self._int4_ok(b) is None]
             sources = digest(__file__, int4_mma.__file__, int4_triton.__file__)
-            FASTEST[key] = remember("int4 fastest", (*key, usable, sources), codes.device,
+            pdl = "mma" in usable and int4_mma.pdl_enabled(codes.device)  # QVLQ_PDL=0 times other configs
+            FASTEST[key] = remember("int4 fastest", (*key, usable, pdl, sources), codes.device,
                                     lambda: self._time_kernels(key, usable, codes, zeros, scales, gs, dtype),
                                     dict, _fastest_record)  # fmt: skip
         return FASTEST[key]["choice"]
