@@ -31,6 +31,7 @@ from .io import atomic_write_text, user_cache_dir
 
 T = TypeVar("T")
 LOADED: list[str] = []  # "kind key" of each result this process took from disk (for reports)
+DIR: Path | None = None  # where the results go instead of user_cache_dir()/tuning (the tests' own directory)
 
 
 @functools.cache
@@ -60,10 +61,11 @@ def fingerprint(device: torch.device) -> str | None:
 
 def _path(finger: str) -> Path | None:
     root = user_cache_dir()
-    if root is None:
+    folder = DIR or (root / "tuning" if root is not None else None)
+    if folder is None:
         return None
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", finger).strip("-")
-    return root / "tuning" / f"{slug}-{hashlib.sha256(finger.encode()).hexdigest()[:8]}.json"
+    return folder / f"{slug}-{hashlib.sha256(finger.encode()).hexdigest()[:8]}.json"
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -22,12 +22,13 @@ REAL_VOCAB = REPO / "qvlq" / "assets" / "qwen.tiktoken"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Compiled kernels and tuning results (qvlq.io.user_cache_dir) go to a directory of this session, not the
-    user's: a test never loads what another run measured, and never leaves anything behind."""
-    path = tmp_path_factory.mktemp("qvlq-cache")
-    os.environ["QVLQ_CACHE_DIR"] = str(path)
-    return path
+def private_tuning(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tuning results (qvlq.tuning) go to a directory of this session, not the user's: a test never loads what
+    another run measured. Compiled kernels stay shared: they are keyed by their source and compiler."""
+    from qvlq import tuning
+
+    tuning.DIR = tmp_path_factory.mktemp("qvlq-tuning")
+    return tuning.DIR
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("QVLQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "DIR", None)  # the session's directory (conftest) aside: QVLQ_CACHE_DIR decides
     monkeypatch.setattr(tuning, "fingerprint", lambda device: "Test GPU sm9.0 torch x")
     monkeypatch.setattr(tuning, "LOADED", [])
     return tmp_path
@@ -69,6 +70,7 @@ def test_what_cannot_be_read_is_tuned_again(disk: Path) -> None:
 
 def test_nothing_is_kept_off_cuda_or_with_the_cache_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QVLQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "DIR", None)
     assert tuning.fingerprint(CPU) is None
     tune = Counting(1)
     for _ in range(2):
