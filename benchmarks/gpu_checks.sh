@@ -15,11 +15,13 @@
 #   5. Int4 fast at 2048 with the token-embedding table in host memory, read in place (--host-embedding): its
 #      memory cells (the issue's absolute encode-2048 figure) and its decode tok/s against step 3's (qvlq profile,
 #      <= 100 s)
-#   5b. the same with the vision tower streamed from host memory too (--stream-vision): memory and time to first
-#      token; --stream-vision alone if step 5 brought back no Int4 figure          (qvlq profile, <= 100 s)
 #   then the issue's targets over the profiles that came back (benchmarks/profile_targets.py -> targets.md)
-#   1. CUDA tests of qvlq's int4 kernels (Triton, mma) and of chat's CUDA-graph engine (pytest -m gpu, <= 150 s)
+#   1. CUDA tests of qvlq's int4 kernels (Triton, mma), chat's CUDA-graph engine and the host-memory modes (last:
+#      a fault there would take the CUDA context from the tests after it)  (pytest -m gpu, <= 150 s)
 #      if the budget has room left
+#   5b. Int4 as in 5 with the vision tower streamed from host memory too (--stream-vision): memory and time to
+#      first token; --stream-vision alone if step 5 brought back no Int4 figure; then the targets again
+#                                                                                 (qvlq profile, <= 100 s)
 #   4. the compiled decode step kernel by kernel, with the same int4 choice  (benchmarks/decode_kernels.py)
 #      if the budget has room left
 #   4b. the same for Int4 with the FastEngine's fusion off (--fuse off): the A/B of the fused blocks
@@ -47,7 +49,7 @@ START=$(date +%s)
 BUDGET="${BUDGET:-540}"
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COLUMNS="${COLUMNS:-200}"
 LOG="$OUT/gpu-checks.log"
-want() { [[ " ${STEPS:-0 2 2b 3 5 5b 1 4 4b 4c} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-0 2 2b 3 5 1 5b 4 4b 4c} " == *" $1 "* ]]; }
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
@@ -128,33 +130,41 @@ run_host() {
     say "$step. $(grep -E -A1 'against the resident one' "$OUT/$name.log" | tr -s ' ' | tr '\n' ' ')"
 }
 run_host 5 profile-host-embedding "the embedding table in host memory" --host-embedding
-if grep -qsE '^│ int4 +│ fast +│ [0-9]' "$OUT/profile-host-embedding.log"; then
-    run_host 5b profile-host-weights "the embedding table and the vision tower in host memory" --host-embedding \
-        --stream-vision
-else  # the mapped table failed (or 5 did not run): the streamed tower alone
-    run_host 5b profile-host-weights "the vision tower streamed from host memory" --stream-vision
-fi
 
-# the issue's targets over every profile that came back so far (a few seconds; a later step cut off by the device
-# call's limit cannot take it along)
-REPORTS=$(ls "$OUT"/profile-*/report.json "$OUT"/fallback/profile-*/report.json 2>/dev/null)
-if [[ -n $REPORTS ]]; then
+# the issue's targets over every profile that came back so far (a few seconds; run again after 5b, so that a
+# later step cut off by the device call's limit cannot take it along)
+check_targets() {
+    local reports
+    reports=$(ls "$OUT"/profile-*/report.json "$OUT"/fallback/profile-*/report.json 2>/dev/null)
+    [[ -n $reports ]] || return
     # shellcheck disable=SC2086
-    "$PY" benchmarks/profile_targets.py $REPORTS --out "$OUT/targets.md" > /dev/null 2>&1
+    "$PY" benchmarks/profile_targets.py $reports --out "$OUT/targets.md" > /dev/null 2>&1
     say "targets: rc=$?; $(grep -cE '\| NO \|' "$OUT/targets.md" 2>/dev/null) not met (targets.md)"
     grep -E '^\| ' "$OUT/targets.md" 2>/dev/null | tee -a "$LOG"
-fi
+}
+check_targets
 
 if want 1 && (( $(left) >= 40 )); then
     say "1. CUDA tests (limit $(( $(left) < 150 ? $(left) : 150 ))s)"
     timeout -k 5 $(( $(left) < 150 ? $(left) : 150 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_decode_attention.py tests/test_int4_mma.py \
-        tests/test_int4_triton.py tests/test_chat.py tests/test_stream.py "tests/test_fast.py::test_cuda_triton_attention_matches_hf" \
-        "tests/test_fast.py::test_cuda_mma_int4_with_fused_mlp_matches_hf" \
+        tests/test_int4_triton.py tests/test_chat.py "tests/test_fast.py::test_cuda_triton_attention_matches_hf" \
+        "tests/test_fast.py::test_cuda_mma_int4_with_fused_mlp_matches_hf" tests/test_stream.py \
         2>&1 | tee -a "$LOG" | tail -n 15
     tests_rc=$?
     say "1. rc=$tests_rc"
 elif want 1; then
     say "1. skipped: $(left) s left"
+fi
+
+# 5b after the tests: the streamed tower is the smaller question once 5 meets the memory figure
+if want 5b; then
+    if grep -qsE '^│ int4 +│ fast +│ [0-9]' "$OUT/profile-host-embedding.log"; then
+        run_host 5b profile-host-weights "the embedding table and the vision tower in host memory" --host-embedding \
+            --stream-vision
+    else  # the mapped table failed (or 5 did not run): the streamed tower alone
+        run_host 5b profile-host-weights "the vision tower streamed from host memory" --stream-vision
+    fi
+    check_targets
 fi
 
 if want 4 && (( $(left) >= 70 )); then
