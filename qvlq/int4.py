@@ -469,7 +469,8 @@ class QuantLinear(nn.Module):
         return self
 
     def _fastest(self, codes: Tensor, zeros: Tensor, scales: Tensor, gs: int, dtype: torch.dtype) -> str:
-        """Time every usable CUDA kernel (tuned) at one row, once per (out, in, group, dtype)."""
+        """Time every usable CUDA kernel (tuned) at one row, once per (out, in, group, dtype) in a process and
+        once per machine and software (qvlq.tuning keeps the record)."""
         key = (self.out_features, self.in_features, gs, str(dtype).removeprefix("torch."))
         if key not in FASTEST:
             usable = [b for b in fastest_candidates() if self._int4_ok(b) is None]
