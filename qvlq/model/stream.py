@@ -197,7 +197,9 @@ def device_view(host: Tensor, device: torch.device) -> Tensor:
     if device.type != "cuda" or not host.is_pinned() or not host.is_contiguous():
         raise ValueError("device_view needs a contiguous pinned host tensor and a CUDA device")
     as_int, _ = _INT_OF_SIZE[host.element_size()]
-    view = torch.asarray(_HostArray(host), device=device, copy=False)
+    # as_tensor takes the interface's pointer as it is and does not copy onto its own device; the check below
+    # holds it to that (asarray's copy=False is not used: its path for such objects is not documented)
+    view = torch.as_tensor(_HostArray(host), device=device)
     if view.data_ptr() != host.data_ptr() or view.dtype != as_int:
         raise RuntimeError("torch copied the host tensor instead of mapping it")
     return view.view(host.dtype)
@@ -223,9 +225,10 @@ def host_embedding(model: nn.Module) -> int:
     host = host_mapped(wte)
     if host is None:
         wte.host_weight = None  # a stale table (a cast replaced the weight) goes before the new one is pinned
-        host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
-        host.copy_(w.detach())
-        wte.weight = nn.Parameter(device_view(host, w.device), requires_grad=False)
+        with torch.cuda.device(w.device):  # the pinned memory's device is the current one: the model's
+            host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+            host.copy_(w.detach())
+            wte.weight = nn.Parameter(device_view(host, w.device), requires_grad=False)
         wte.host_weight = host  # a plain attribute: not in the state dict, which holds the view
         del w
         torch.cuda.empty_cache()  # give the table's device memory back, as NVML reports it
