@@ -89,7 +89,7 @@ ENV_CACHE = "QVLQ_CACHE_DIR"
 
 
 def user_cache_dir() -> Path | None:
-    """Where qvlq keeps what it may rebuild (compiled kernels): $QVLQ_CACHE_DIR ("off": nowhere), else
+    """Where qvlq keeps what it may rebuild (compiled kernels, tuning results): $QVLQ_CACHE_DIR ("off": nowhere), else
     $XDG_CACHE_HOME/qvlq, else ~/.cache/qvlq."""
     explicit = os.environ.get(ENV_CACHE)
     if explicit is not None:
