@@ -10,7 +10,9 @@ device (name, compute capability), torch, CUDA and Triton versions, and a digest
 define the kernels, so a changed kernel is tuned again. What a result holds is what the tuner measured then,
 with the time it was measured; reports say which results came from here. Off CUDA nothing is kept (the
 tuners do not run there). $QVLQ_CACHE_DIR moves the files with the compiled kernels, "off" keeps nothing
-(qvlq.io.user_cache_dir). Files that cannot be read or written only cost the tuning.
+(qvlq.io.user_cache_dir). Files that cannot be read or written only cost the tuning. A file keeps the
+MAX_ENTRIES most recently measured results: a changed kernel source or tuner key leaves its old entries
+behind, and they go, oldest first, instead of growing the file for ever.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .io import atomic_write_text, user_cache_dir
 T = TypeVar("T")
 LOADED: list[str] = []  # "kind key" of each result this process took from disk (for reports)
 DIR: Path | None = None  # where the results go instead of user_cache_dir()/tuning (the tests' own directory)
+MAX_ENTRIES = 256  # per device file; a full-size model build stores ~20-40
 
 
 @functools.cache
@@ -98,11 +101,24 @@ def remember(
     value = tune()
     entries = _read(path)  # again: another process may have written since
     entries[name] = {"value": dump(value), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if len(entries) > MAX_ENTRIES:
+        entries = _newest(entries, name)
     try:
         atomic_write_text(path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
     except OSError:  # a read-only cache: this process keeps its result in memory all the same
         pass
     return value
+
+
+def _newest(entries: dict[str, Any], name: str) -> dict[str, Any]:
+    """The MAX_ENTRIES most recently measured entries, `name` (this result) among them. ISO times sort as
+    strings; entries without one (damaged) go first."""
+
+    def when(n: str) -> tuple[bool, str]:
+        e = entries[n]
+        return n == name, str(e.get("measured", "")) if isinstance(e, dict) else ""
+
+    return {n: entries[n] for n in sorted(entries, key=when)[-MAX_ENTRIES:]}
 
 
 def summary(names: Sequence[str]) -> str:

@@ -51,6 +51,26 @@ def test_a_result_is_tuned_once_per_key_and_loaded_after(disk: Path) -> None:
     assert not [p for p in (disk / "tuning").iterdir() if p != path]  # nothing half-written left behind
 
 
+def test_a_full_file_drops_its_oldest_results(disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries left by older kernel sources do not pile up: past MAX_ENTRIES the oldest measured go (a damaged
+    entry first), the result just tuned stays even when its time ties with others', and loads keep working."""
+    monkeypatch.setattr(tuning, "MAX_ENTRIES", 3)
+    tune = Counting({"choice": 1})
+    for i in range(3):
+        tuning.remember("k", (i,), CPU, tune, dict, dict)
+    (path,) = (disk / "tuning").iterdir()
+    entries = json.loads(path.read_text())
+    entries["k [0]"]["measured"] = "2026-01-01T00:00:00"  # the oldest
+    entries["k [1]"] = "damaged"
+    path.write_text(json.dumps(entries))
+    tuning.remember("k", (3,), CPU, tune, dict, dict)
+    assert sorted(json.loads(path.read_text())) == ["k [0]", "k [2]", "k [3]"]  # the damaged one went first
+    tuning.remember("k", (4,), CPU, tune, dict, dict)
+    assert sorted(json.loads(path.read_text())) == ["k [2]", "k [3]", "k [4]"] and tune.calls == 5
+    tuning.remember("k", (4,), CPU, tune, dict, dict)  # loaded: nothing tuned, nothing dropped
+    assert tune.calls == 5 and tuning.LOADED == ["k [4]"]
+
+
 def test_what_cannot_be_read_is_tuned_again(disk: Path) -> None:
     tune = Counting({"choice": 1})
 
