@@ -64,6 +64,8 @@ import torch
 from torch import Tensor
 
 from qvlq import int4_triton
+from qvlq.cuda_driver import check as check_cu
+from qvlq.cuda_driver import current_context, libcuda
 from qvlq.io import atomic_write_bytes, user_cache_dir
 from qvlq.model.modeling import rms_norm  # what the norm prologue computes
 from qvlq.tuning import config_list, digest, dump_tune, load_tune, remember
@@ -841,16 +843,11 @@ def _nvrtc() -> ctypes.CDLL:
     raise RuntimeError(f"libnvrtc not found (set {ENV_NVRTC}=/path/to/libnvrtc.so); tried {len(errors)} places")
 
 
-@functools.cache
-def _cuda() -> ctypes.CDLL:
-    return ctypes.CDLL("libcuda.so.1")
-
-
 def runtime_error() -> str | None:
     """None if libnvrtc and libcuda load, else why not (checked before choosing this backend)."""
     try:
         _nvrtc()
-        _cuda()
+        libcuda()
     except (RuntimeError, OSError) as e:
         return f"int4_mma needs libnvrtc and libcuda: {e}"
     return None
@@ -970,37 +967,23 @@ def precompile(
         list(pool.map(build, configs))
 
 
-def _check_cu(rc: int, what: str) -> None:
-    if rc != 0:
-        msg = ctypes.c_char_p()
-        _cuda().cuGetErrorString(rc, ctypes.byref(msg))
-        raise RuntimeError(f"CUDA driver {what}: error {rc} {msg.value.decode() if msg.value else ''}".strip())
-
-
 @functools.cache
 def _function(device_index: int, dtype: torch.dtype, group_size: int, cfg: Config, name: str) -> ctypes.c_void_p:
     """One kernel of SOURCE compiled for one device (the module kept alive in _MODULES). The dequantize
     kernel ignores the config: it is taken from the module compiled for DEFAULT_CONFIG."""
     module = _module(device_index, dtype, group_size, cfg)
     fn = ctypes.c_void_p()
-    _check_cu(_cuda().cuModuleGetFunction(ctypes.byref(fn), module, name.encode()), f"cuModuleGetFunction {name}")
+    check_cu(libcuda().cuModuleGetFunction(ctypes.byref(fn), module, name.encode()), f"cuModuleGetFunction {name}")
     return fn
 
 
 @functools.cache
 def _module(device_index: int, dtype: torch.dtype, group_size: int, cfg: Config) -> ctypes.c_void_p:
     data = cubin("sm_{}{}".format(*_capability(device_index)), dtype, group_size, cfg)
-    cu = _cuda()
     with torch.cuda.device(device_index):
-        ctx = ctypes.c_void_p()
-        _check_cu(cu.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
-        if not ctx.value:  # no CUDA work on this thread yet: an allocation makes PyTorch's context current
-            torch.empty(1, device=f"cuda:{device_index}")
-            _check_cu(cu.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
-        if not ctx.value:
-            raise RuntimeError("no current CUDA context on this thread for the int4_mma kernel")
+        current_context(device_index)
         module = ctypes.c_void_p()
-        _check_cu(cu.cuModuleLoadData(ctypes.byref(module), data), "cuModuleLoadData")
+        check_cu(libcuda().cuModuleLoadData(ctypes.byref(module), data), "cuModuleLoadData")
     _MODULES.append(module)
     return module
 
@@ -1031,13 +1014,13 @@ def _cu_launch(
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])  # ~5x cheaper than cast
         if not pdl:
-            rc = _cuda().cuLaunchKernel(fn, grid[0], grid[1], 1, block, 1, 1, 0, stream, params, None)
-            _check_cu(rc, "cuLaunchKernel")
+            rc = libcuda().cuLaunchKernel(fn, grid[0], grid[1], 1, block, 1, 1, 0, stream, params, None)
+            check_cu(rc, "cuLaunchKernel")
             return
         attr = LaunchAttribute(id=ATTR_PROGRAMMATIC_STREAM_SERIALIZATION)
         attr.value[0] = 1  # programmaticStreamSerializationAllowed
         cfg = LaunchConfig(grid[0], grid[1], 1, block, 1, 1, 0, stream.value, ctypes.pointer(attr), 1)
-        _check_cu(_cuda().cuLaunchKernelEx(ctypes.byref(cfg), fn, params, None), "cuLaunchKernelEx")
+        check_cu(libcuda().cuLaunchKernelEx(ctypes.byref(cfg), fn, params, None), "cuLaunchKernelEx")
 
 
 _MODULES: list[ctypes.c_void_p] = []

@@ -59,7 +59,7 @@ from .measure import (
     timed_generate,
 )
 from .model.loading import QUANTIZED_LINEARS
-from .model.stream import StreamedBlocks, host_embedding_checked, host_mapped, stream_vision_checked
+from .model.stream import StreamedBlocks, host_embedding_checked, host_mapped, host_pinning, stream_vision_checked
 from .random_model import build_random_model, quantize_model_rtn
 
 Log = Callable[[str], None]
@@ -326,6 +326,7 @@ class ModelInfo:
     host_bytes: int = 0  # weights in host memory (--stream-vision, --host-embedding)
     stream_check: str = ""  # the image features after streaming against before (stream_vision_checked)
     embedding_check: str = ""  # the prompt's embeddings after mapping against before (host_embedding_checked)
+    host_pinning: str = ""  # how the host-kept weights are page-locked (qvlq.model.stream.host_pinning)
     int4_selection: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4.kernel_selection()
     int4_fused: list[dict[str, Any]] = field(default_factory=list)  # qvlq.int4_mma.variant_selection()
 
@@ -1041,7 +1042,7 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
             mapped = host_embedding_checked(model, torch.tensor([prompt_ids(tokenizer)], device=device))
         free_memory(device)
         info, acc = _model_info(model, v.precision, v.source, v.random_weights, time.monotonic() - t0, disk)
-        info.stream_check, info.embedding_check = checked, mapped
+        info.stream_check, info.embedding_check, info.host_pinning = checked, mapped, host_pinning(model)
         prof.models.append(info)
         log(
             f"{v.precision}: {info.weight_bytes / 1e9:.2f} GB weights, {acc.read_bytes_per_token / 1e9:.3f} GB read "
@@ -1064,6 +1065,9 @@ def run_profile(settings: ProfileSettings, log: Log | None = None) -> ProfileRep
     if s.host_embedding:
         notes.append("Host-mapped embedding against the resident one (the prompt's embeddings, before and after "
                      "mapping): " + "; ".join(f"{m.precision}: {m.embedding_check}" for m in prof.models))
+    if any(m.host_pinning for m in prof.models):
+        pinning = "; ".join(f"{m.precision}: {m.host_pinning}" for m in prof.models if m.host_pinning)
+        notes.append(f"Host memory page-locked for the device: {pinning}.")
     if len(tuning.LOADED) > loaded_before:
         notes.append("Tuning results loaded from the on-disk cache instead of timed in this run (qvlq.tuning: "
                      "measured earlier by another process on this device with the same software and kernel "

@@ -1,12 +1,18 @@
 """qvlq.model.stream: a stack of blocks in host memory run through two device slots (the vision tower's
 --stream-vision), and the token-embedding table in host memory read in place (--host-embedding). On CPU the
 slots are loaded synchronously and the table is where it is; the CUDA tests check the copy stream's order, the
-mapped table's values inside a CUDA graph, and the device memory each saves."""
+mapped table's values inside a CUDA graph, and the device memory each saves; pinned_empty's registrations run
+against a fake driver on the CPU and the real one in the CUDA tests."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import gc
 import json
+import mmap
+from typing import Any
 
 import pytest
 import torch
@@ -15,14 +21,18 @@ from typer.testing import CliRunner
 
 from qvlq.cli import app
 from qvlq.image import pixels_for
+from qvlq.model import stream
 from qvlq.model.modeling import QWenLMHeadModel
 from qvlq.model.stream import (
+    REGISTERED,
     StreamedBlocks,
     _HostArray,
     device_view,
     host_embedding,
     host_embedding_checked,
     host_mapped,
+    host_pinning,
+    pinned_empty,
     stream_vision,
     stream_vision_checked,
 )
@@ -172,6 +182,107 @@ def test_host_embedding_leaves_a_cpu_model_alone(tiny_dir):
     assert cai["typestr"] == "<i2" and cai["shape"] == tuple(table.shape) and cai["data"][0] == table.data_ptr()
 
 
+class _FakeDriver:
+    """The four libcuda calls pinned_empty makes, on the CPU: registrations are recorded, and the device sees
+    registered memory at `offset` from the host's address (0: the same address, as under unified addressing)."""
+
+    def __init__(self, register_rc: int = 0, offset: int = 0) -> None:
+        self.register_rc, self.offset = register_rc, offset
+        self.registered: dict[int, tuple[int, int]] = {}  # address -> (bytes, flags)
+        self.unregistered: list[int] = []
+        self.contexts: list[str] = []
+
+    def cuMemHostRegister_v2(self, ptr: ctypes.c_void_p, size: ctypes.c_size_t, flags: int) -> int:
+        if self.register_rc == 0:
+            self.registered[ptr.value] = (size.value, flags)
+        return self.register_rc
+
+    def cuMemHostGetDevicePointer_v2(self, out: Any, ptr: ctypes.c_void_p, flags: int) -> int:
+        ctypes.cast(out, ctypes.POINTER(ctypes.c_uint64))[0] = ptr.value + self.offset
+        return 0 if ptr.value in self.registered else 1
+
+    def cuMemHostUnregister(self, ptr: ctypes.c_void_p) -> int:
+        self.unregistered.append(ptr.value)
+        return 0 if self.registered.pop(ptr.value, None) else 1
+
+    def cuCtxPushCurrent_v2(self, ctx: ctypes.c_void_p) -> int:
+        self.contexts.append(f"push {ctx.value}")
+        return 0
+
+    def cuCtxPopCurrent_v2(self, out: Any) -> int:
+        self.contexts.append("pop")
+        return 0
+
+
+@pytest.fixture
+def fake_driver(monkeypatch):
+    """pinned_empty on this CPU-only machine: libcuda faked, torch.cuda.device a no-op, a fixed context."""
+    driver = _FakeDriver()
+    monkeypatch.setattr(stream.cuda_driver, "libcuda", lambda: driver)
+    monkeypatch.setattr(stream.cuda_driver, "current_context", lambda index: ctypes.c_void_p(4242))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return driver
+
+
+def test_pinned_empty_locks_whole_pages_of_its_size_until_the_last_view_is_gone(fake_driver):
+    """Exact size (pages, not PyTorch's power of two), portable + device-mapped, and unregistered, in the context
+    it was registered in, only when no tensor over the memory is left: views outlive the tensor they came from."""
+    host = pinned_empty((3, 5000), torch.bfloat16, torch.device("cuda", 0))
+    ptr = host.data_ptr()
+    size = -(-3 * 5000 * 2 // mmap.PAGESIZE) * mmap.PAGESIZE
+    assert fake_driver.registered == {ptr: (size, 0x3)} and REGISTERED[ptr] == size and size < 2 * 30000
+    assert host.shape == (3, 5000) and host.dtype == torch.bfloat16 and host.is_contiguous()
+    host.copy_(torch.arange(15000).view(3, 5000))  # writable memory of the right size
+    rows = host.unbind(0)
+    del host
+    gc.collect()
+    assert fake_driver.unregistered == [] and torch.equal(rows[2], torch.arange(10000, 15000).bfloat16())
+    del rows
+    gc.collect()
+    assert fake_driver.unregistered == [ptr] and fake_driver.contexts == ["push 4242", "pop"] and ptr not in REGISTERED
+
+
+def test_pinned_empty_declines_memory_the_device_cannot_map_at_the_host_address(fake_driver):
+    """A failed registration, or a device address other than the host's (device_view would read the wrong
+    memory): None, so `pinned` takes PyTorch's allocator, and nothing is left registered."""
+    fake_driver.register_rc = 2  # CUDA_ERROR_OUT_OF_MEMORY
+    assert pinned_empty((4, 4), torch.float32, torch.device("cuda", 0)) is None
+    assert fake_driver.registered == {} and fake_driver.unregistered == []
+    fake_driver.register_rc, fake_driver.offset = 0, 4096
+    assert pinned_empty((4, 4), torch.float32, torch.device("cuda", 0)) is None
+    assert fake_driver.registered == {} and len(fake_driver.unregistered) == 1 and not REGISTERED
+    assert pinned_empty((0, 4), torch.float32, torch.device("cuda", 0)) is None  # nothing to lock
+
+
+def test_streamed_blocks_and_a_mapped_table_on_registered_memory(fake_driver, monkeypatch):
+    """StreamedBlocks for a CUDA device takes one registration for all its blocks (their buffers are views of
+    it) and a cast another, the first unregistered; host_pinning names how each host-kept part is locked. The
+    device side is faked: slots and the copy stream stay on the CPU."""
+    monkeypatch.setattr(StreamedBlocks, "_bind", lambda self, slot, device: torch.empty(self.numel, dtype=self.dtype))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "Event", lambda: None)
+    blocks = _blocks(4, 8)
+    st = StreamedBlocks(blocks, torch.device("cuda", 0))
+    base = st.host[0].data_ptr()
+    assert list(fake_driver.registered) == [base] and all(h.untyped_storage().data_ptr() == base for h in st.host)
+    assert fake_driver.registered[base][0] >= st.host_bytes and torch.equal(st.host[3], torch.cat(
+        [t.detach().flatten() for _, t in stream._tensors(blocks[3])]))  # fmt: skip
+    st._copy = object()  # as on CUDA: cast_ pins the new buffers
+    st.cast_(torch.float16)
+    gc.collect()
+    assert fake_driver.unregistered == [base] and list(fake_driver.registered) == [st.host[0].data_ptr()]
+    model = type("M", (), {})()
+    model.transformer = type("T", (), {})()
+    model.transformer.visual = type("V", (), {"transformer": st})()
+    model.transformer.wte = nn.Embedding(4, 2)
+    assert host_pinning(model) == "vision tower: exact size (registered with the driver)"
+    model.transformer.wte.host_weight = model.transformer.wte.weight.detach()  # as host_embedding leaves it
+    assert host_pinning(model).endswith("embedding: PyTorch's pinned allocator (a power of two)")
+    del st, model
+    gc.collect()
+    assert not fake_driver.registered and not REGISTERED  # the cast's buffers, once the stack is gone
+
+
 def test_accounting_moves_a_mapped_table_from_resident_to_host(tiny_dir):
     """What host_embedding leaves behind, made by hand on CPU (the mapping itself needs CUDA: the GPU test):
     the table is counted once, in host bytes; a cast that replaces the weight ends the mapping."""
@@ -219,6 +330,7 @@ def test_cuda_stream_overlaps_copies_in_order_and_frees_the_blocks():
     del inner, blocks
     freed = before - torch.cuda.memory_allocated(dev)
     assert freed >= st.host_bytes - st.slot_bytes - 2**20 and st.host[0].is_pinned()
+    assert REGISTERED.get(st.host[0].data_ptr(), 0) >= st.host_bytes  # exact size, not PyTorch's power of two
     for _ in range(3):
         assert torch.equal(st(x), want)
     side = torch.cuda.Stream(dev)  # a caller on another stream: its x and the slots' last use order the copies
@@ -374,6 +486,7 @@ def test_cuda_host_embedding_reads_the_pinned_table_in_place(tiny_dir, image_fil
     assert before - torch.cuda.memory_allocated(dev) >= table.numel() * 4
     host = host_mapped(wte)
     assert host is not None and host.is_pinned() and wte.weight.is_cuda and wte.weight.data_ptr() == host.data_ptr()
+    assert host.data_ptr() in REGISTERED and host_pinning(model) == "embedding: exact size (registered with the driver)"
     assert host_embedding(model) == table.numel() * 4 and host_mapped(wte) is host  # idempotent
     assert torch.equal(model.state_dict()["transformer.wte.weight"].cpu(), table)
     graph, static = torch.cuda.CUDAGraph(), ids.clone()
@@ -393,6 +506,10 @@ def test_cuda_host_embedding_reads_the_pinned_table_in_place(tiny_dir, image_fil
     wte.weight.data = wte.weight.data.half()  # the random Int4 variant's cast: a device table again, mapped again
     assert host_mapped(wte) is None and host_embedding(model) == table.numel() * 2
     assert host_mapped(wte).dtype == torch.float16 and torch.equal(wte(ids), want.half())
+    old = host.data_ptr()
+    del host, graph, out
+    gc.collect()
+    assert old not in REGISTERED and host_mapped(wte).data_ptr() in REGISTERED  # the fp32 table unregistered
     args = ["chat", str(tiny_dir), "--image", str(image_file), "what is this?", "--greedy", "--max-new-tokens", "6",
             "--dtype", "fp32", "--device", "cuda", "--json"]  # fmt: skip
     plain, mapped = (CliRunner().invoke(app, a) for a in (args, [*args, "--host-embedding"]))

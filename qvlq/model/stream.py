@@ -14,16 +14,78 @@ place, across the bus (`device_view`). Why: a step reads one row of it (8 KB for
 rows; a 2047-token prefill reads 16 MB), yet the table is 151936 rows, 1.24 GB, 13% of the official Int4
 checkpoint. Mapped, it leaves device memory for a few microseconds of bus latency per step (inferred, not
 measured), and nothing is copied per image or per step.
+
+Both hold their weights in page-locked host memory of the weights' own size (`pinned`).
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import mmap
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .. import cuda_driver
+
+# cuMemHostRegister flags (cuda.h): usable from every context, mapped into the device's address space
+_REGISTER_PORTABLE, _REGISTER_DEVICEMAP = 0x01, 0x02
+REGISTERED: dict[int, int] = {}  # address -> bytes page-locked by pinned_empty, until unregistered
+
+
+def pinned_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    """An uninitialised host tensor in page-locked memory of its own size, mapped for `device` at the address
+    the host uses (what device_view needs), or None where the driver does not allow that (or it is empty).
+
+    Why not pin_memory=True: PyTorch's pinned allocator rounds every request up to a power of two, so the
+    1.24 GB embedding table would pin 2 GB and the 3.7 GB vision tower 4.3 GB. Here the memory is a private
+    anonymous mapping of the tensor's size, registered with the driver (cuMemHostRegister) and unregistered
+    when the last tensor over it is gone."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return None
+    size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages: what the driver locks anyway
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    host = torch.frombuffer(region, dtype=dtype, count=numel).view(shape)  # holds `region` while it lives
+    cu = cuda_driver.libcuda()
+    with torch.cuda.device(device):
+        ctx = cuda_driver.current_context(device.index if device.index is not None else torch.cuda.current_device())
+        ptr = ctypes.c_void_p(host.data_ptr())
+        if cu.cuMemHostRegister_v2(ptr, ctypes.c_size_t(size), _REGISTER_PORTABLE | _REGISTER_DEVICEMAP):
+            return None
+        dptr = ctypes.c_uint64()
+        if cu.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ptr, 0) or dptr.value != host.data_ptr():
+            cu.cuMemHostUnregister(ptr)  # the device would see it at another address: device_view cannot map it
+            return None
+    REGISTERED[host.data_ptr()] = size
+    # unregistered before the pages are unmapped; not at exit, when the context may be gone with the process
+    weakref.finalize(region, _unregister, ctx, host.data_ptr()).atexit = False
+    return host
+
+
+def _unregister(ctx: ctypes.c_void_p, ptr: int) -> None:
+    REGISTERED.pop(ptr, None)
+    cu = cuda_driver.libcuda()
+    if cu.cuCtxPushCurrent_v2(ctx) == 0:  # the finalizer may run on any thread
+        cu.cuMemHostUnregister(ctypes.c_void_p(ptr))
+        cu.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+
+
+def pinned(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Page-locked host memory for `device`: pinned_empty's exact size where the driver allows it, else
+    PyTorch's pinned allocator (rounded up to a power of two)."""
+    host = pinned_empty(shape, dtype, device)
+    if host is None:
+        with torch.cuda.device(device):  # the pinned memory's device is the current one: the model's
+            host = torch.empty(shape, dtype=dtype, pin_memory=True)
+    return host
 
 
 def _tensors(block: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -48,10 +110,11 @@ class StreamedBlocks(nn.Module):
         self.numel = sum(n for _, _, n in self.layout)
         self.name = name
         pin = device.type == "cuda"
+        self.device = device
         for block in blocks:
             if [(n, t.shape) for n, t in _tensors(block)] != [(n, s) for n, s, _ in self.layout]:
                 raise ValueError("streamed blocks must all have the first block's tensors and shapes")
-        self.host = self._host_buffers(len(blocks), pin)
+        self.host = self._host_buffers(len(blocks))
         for flat, block in zip(self.host, blocks, strict=True):
             for view, (_, t) in zip(self._views(flat), _tensors(block), strict=True):
                 view.copy_(t.detach())  # one tensor at a time: no second device copy of a block
@@ -63,10 +126,12 @@ class StreamedBlocks(nn.Module):
         self._ready = [torch.cuda.Event() for _ in self.slots] if pin else []
         self._done = [torch.cuda.Event() for _ in self.slots] if pin else []
 
-    def _host_buffers(self, n: int, pin: bool) -> list[Tensor]:
-        """n flat block buffers, views of ONE host allocation: the pinned allocator rounds each request up to a
-        power of two (a 77 MB block would take 128 MB; 48 blocks of 3.7 GB take 4.3 GB as one)."""
-        return list(torch.empty(n, self.numel, dtype=self.dtype, pin_memory=pin).unbind(0))
+    def _host_buffers(self, n: int) -> list[Tensor]:
+        """n flat block buffers, views of ONE host allocation (pinned for a CUDA device): one registration, and
+        where pinning falls back to PyTorch's allocator, one power-of-two rounding instead of one per block."""
+        if self.device.type != "cuda":
+            return list(torch.empty(n, self.numel, dtype=self.dtype).unbind(0))
+        return list(pinned((n, self.numel), self.dtype, self.device).unbind(0))
 
     def _bind(self, slot: nn.Module, device: torch.device) -> Tensor:
         """A new flat buffer on device whose views become slot's tensors (one copy then loads a block)."""
@@ -79,7 +144,7 @@ class StreamedBlocks(nn.Module):
         """The blocks' weights in dtype (as model.to(dtype) would cast a resident stack)."""
         if dtype != self.dtype:
             old, self.dtype = self.host, dtype
-            self.host = self._host_buffers(len(old), pin=self._copy is not None)
+            self.host = self._host_buffers(len(old))
             for new, h in zip(self.host, old, strict=True):
                 new.copy_(h)
             self.slot_flat = [self._bind(slot, f.device) for slot, f in zip(self.slots, self.slot_flat, strict=True)]
@@ -192,8 +257,9 @@ class _HostArray:
 def device_view(host: Tensor, device: torch.device) -> Tensor:
     """A `device` tensor over the pinned, contiguous `host` tensor's memory (no copy): kernels that read it
     read host memory across the bus. Under CUDA's unified addressing (every 64-bit platform) an allocation of
-    cudaHostAlloc, which is what torch's pinned allocator makes, has the same address on the device. The
-    caching allocator never sees the view, so memory_allocated() and NVML leave it out, as they should."""
+    cudaHostAlloc, which is what torch's pinned allocator makes, has the same address on the device, and
+    pinned_empty checks that its registered memory does. The caching allocator never sees the view, so
+    memory_allocated() and NVML leave it out, as they should."""
     if device.type != "cuda" or not host.is_pinned() or not host.is_contiguous():
         raise ValueError("device_view needs a contiguous pinned host tensor and a CUDA device")
     as_int, _ = _INT_OF_SIZE[host.element_size()]
@@ -225,10 +291,9 @@ def host_embedding(model: nn.Module) -> int:
     host = host_mapped(wte)
     if host is None:
         wte.host_weight = None  # a stale table (a cast replaced the weight) goes before the new one is pinned
-        with torch.cuda.device(w.device):  # the pinned memory's device is the current one: the model's
-            host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
-            host.copy_(w.detach())
-            wte.weight = nn.Parameter(device_view(host, w.device), requires_grad=False)
+        host = pinned(w.shape, w.dtype, w.device)
+        host.copy_(w.detach())
+        wte.weight = nn.Parameter(device_view(host, w.device), requires_grad=False)
         wte.host_weight = host  # a plain attribute: not in the state dict, which holds the view
         del w
         torch.cuda.empty_cache()  # give the table's device memory back, as NVML reports it
@@ -247,6 +312,15 @@ def host_embedding_checked(model: nn.Module, ids: Tensor) -> str:
     want = wte(ids)
     host_embedding(model)
     return _same(wte(ids), want)
+
+
+def host_pinning(model: nn.Module) -> str:
+    """How the weights a model keeps in host memory are page-locked, for reports ("" if it keeps none there)."""
+    vit, table = model.transformer.visual.transformer, host_mapped(model.transformer.wte)
+    kept = [("vision tower", vit.host[0])] if isinstance(vit, StreamedBlocks) and vit.device.type == "cuda" else []
+    kept += [("embedding", table)] if table is not None else []
+    how = {True: "exact size (registered with the driver)", False: "PyTorch's pinned allocator (a power of two)"}
+    return ", ".join(f"{name}: {how[h.untyped_storage().data_ptr() in REGISTERED]}" for name, h in kept)
 
 
 def keep_in_host(model: nn.Module, stream: bool, embedding: bool) -> None:
