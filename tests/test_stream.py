@@ -182,6 +182,13 @@ def test_host_embedding_leaves_a_cpu_model_alone(tiny_dir):
     assert cai["typestr"] == "<i2" and cai["shape"] == tuple(table.shape) and cai["data"][0] == table.data_ptr()
 
 
+def _mapped(address: int) -> bool:
+    """Whether `address` lies in one of this process's mappings (read from /proc, so an unmapped one is safe)."""
+    with open("/proc/self/maps") as f:
+        spans = (line.split()[0].split("-") for line in f)
+        return any(int(lo, 16) <= address < int(hi, 16) for lo, hi in spans)
+
+
 class _FakeDriver:
     """The four libcuda calls pinned_empty makes, on the CPU: registrations are recorded, and the device sees
     registered memory at `offset` from the host's address (0: the same address, as under unified addressing)."""
@@ -202,6 +209,7 @@ class _FakeDriver:
         return 0 if ptr.value in self.registered else 1
 
     def cuMemHostUnregister(self, ptr: ctypes.c_void_p) -> int:
+        assert _mapped(ptr.value), "unregistered after its pages were unmapped"
         self.unregistered.append(ptr.value)
         return 0 if self.registered.pop(ptr.value, None) else 1
 

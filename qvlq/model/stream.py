@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import mmap
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +34,26 @@ from .. import cuda_driver
 # cuMemHostRegister flags (cuda.h): usable from every context, mapped into the device's address space
 _REGISTER_PORTABLE, _REGISTER_DEVICEMAP = 0x01, 0x02
 REGISTERED: dict[int, int] = {}  # address -> bytes page-locked by pinned_empty, until unregistered
+
+
+class _Locked(mmap.mmap):
+    """An anonymous private mapping that unregisters itself from the driver when it goes, before its pages are
+    unmapped (a subclass's __del__ runs before mmap's own dealloc; a weakref finalizer would run after it)."""
+
+    ctx: ctypes.c_void_p | None = None
+
+    def __del__(self) -> None:
+        if self.ctx is None:
+            return
+        try:
+            ptr = self.ptr
+            REGISTERED.pop(ptr, None)
+            cu = cuda_driver.libcuda()
+            if cu.cuCtxPushCurrent_v2(self.ctx) == 0:  # the last tensor may go on any thread
+                cu.cuMemHostUnregister(ctypes.c_void_p(ptr))
+                cu.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+        except Exception:  # at interpreter exit the modules may be gone; the process frees it all anyway
+            pass
 
 
 def pinned_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor | None:
@@ -52,7 +71,7 @@ def pinned_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device
     if nbytes == 0:
         return None
     size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages: what the driver locks anyway
-    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region = _Locked(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     host = torch.frombuffer(region, dtype=dtype, count=numel).view(shape)  # holds `region` while it lives
     cu = cuda_driver.libcuda()
     with torch.cuda.device(device):
@@ -64,18 +83,9 @@ def pinned_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device
         if cu.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ptr, 0) or dptr.value != host.data_ptr():
             cu.cuMemHostUnregister(ptr)  # the device would see it at another address: device_view cannot map it
             return None
-    REGISTERED[host.data_ptr()] = size
-    # unregistered before the pages are unmapped; not at exit, when the context may be gone with the process
-    weakref.finalize(region, _unregister, ctx, host.data_ptr()).atexit = False
+    region.ctx, region.ptr = ctx, host.data_ptr()
+    REGISTERED[region.ptr] = size
     return host
-
-
-def _unregister(ctx: ctypes.c_void_p, ptr: int) -> None:
-    REGISTERED.pop(ptr, None)
-    cu = cuda_driver.libcuda()
-    if cu.cuCtxPushCurrent_v2(ctx) == 0:  # the finalizer may run on any thread
-        cu.cuMemHostUnregister(ctypes.c_void_p(ptr))
-        cu.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
 
 
 def pinned(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
