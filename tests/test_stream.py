@@ -224,11 +224,12 @@ class _FakeDriver:
 
 @pytest.fixture
 def fake_driver(monkeypatch):
-    """pinned_empty on this CPU-only machine: libcuda faked, torch.cuda.device a no-op, a fixed context."""
+    """pinned_empty on this CPU-only machine: libcuda faked, torch.cuda.device a no-op on device 0, a fixed context."""
     driver = _FakeDriver()
     monkeypatch.setattr(stream.cuda_driver, "libcuda", lambda: driver)
     monkeypatch.setattr(stream.cuda_driver, "current_context", lambda index: ctypes.c_void_p(4242))
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return driver
 
 

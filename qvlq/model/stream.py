@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import math
 import mmap
 from collections.abc import Iterator
 from typing import Any
@@ -64,10 +65,8 @@ def pinned_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device
     1.24 GB embedding table would pin 2 GB and the 3.7 GB vision tower 4.3 GB. Here the memory is a private
     anonymous mapping of the tensor's size, registered with the driver (cuMemHostRegister) and unregistered
     when the last tensor over it is gone."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(shape)
+    nbytes = numel * dtype.itemsize
     if nbytes == 0:
         return None
     size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages: what the driver locks anyway
@@ -75,7 +74,7 @@ def pinned_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device
     host = torch.frombuffer(region, dtype=dtype, count=numel).view(shape)  # holds `region` while it lives
     cu = cuda_driver.libcuda()
     with torch.cuda.device(device):
-        ctx = cuda_driver.current_context(device.index if device.index is not None else torch.cuda.current_device())
+        ctx = cuda_driver.current_context(torch.cuda.current_device())
         ptr = ctypes.c_void_p(host.data_ptr())
         if cu.cuMemHostRegister_v2(ptr, ctypes.c_size_t(size), _REGISTER_PORTABLE | _REGISTER_DEVICEMAP):
             return None
