@@ -457,4 +457,7 @@ def tuned(batch: int, heads: int, head_dim: int, max_len: int, dtype: torch.dtyp
             "decode_attention", disk_key, device, lambda: tune(batch, heads, head_dim, max_len, dtype, device),
             dump_tune, load_tune(TuneResult, Config),
         )  # fmt: skip
+    # a result read from disk skipped tune(), which allocates the counters: without this, the first launch would
+    # allocate them inside the engine's CUDA-graph pool, and inductor refuses a live allocation it did not make
+    counters(device)
     return TUNED[key]

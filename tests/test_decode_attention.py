@@ -112,6 +112,20 @@ def test_op_on_cpu_and_under_compile() -> None:
     assert torch.equal(traced_c.k, ref_c.k) and torch.equal(traced_c.v, ref_c.v)
 
 
+def test_tuned_from_disk_allocates_the_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tuning read back from disk skips tune(), which allocates the split counters. tuned() must allocate them
+    all the same, before any CUDA graph: else the first decode step allocates them inside inductor's graph pool,
+    and inductor refuses a live allocation it did not make (seen on an H100 with a warm tuning cache)."""
+    from qvlq import int4_triton
+
+    monkeypatch.setattr(int4_triton, "_COUNTER_BUFFERS", {})
+    monkeypatch.setattr(A, "TUNED", {})
+    stored = A.TuneResult(A.DEFAULT_CONFIG, {A.DEFAULT_CONFIG.name: 1e-5}, {}, 8, 2e-5)
+    monkeypatch.setattr(A, "remember", lambda *args, **kwargs: stored)
+    assert A.tuned(1, 2, 64, 16, torch.bfloat16, torch.device("cpu")) is stored
+    assert torch.device("cpu") in int4_triton._COUNTER_BUFFERS
+
+
 def test_unavailable() -> None:
     assert A.unavailable(torch.device("cpu")) is None
     assert "CUDA or CPU" in A.unavailable(torch.device("meta"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import gc
 import math
 import mmap
 from collections.abc import Iterator
@@ -305,6 +306,9 @@ def host_embedding(model: nn.Module) -> int:
         wte.weight = nn.Parameter(device_view(host, w.device), requires_grad=False)
         wte.host_weight = host  # a plain attribute: not in the state dict, which holds the view
         del w
+        # the old table goes once nothing refers to it; a GPU test process (2026-11-27, H100) kept it past this
+        # point, while a fresh process gave it back after a collection: collect before handing memory back
+        gc.collect()
         torch.cuda.empty_cache()  # give the table's device memory back, as NVML reports it
     return host.numel() * host.element_size()
 
