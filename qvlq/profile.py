@@ -340,6 +340,9 @@ class CrossCheck:
     agree: int
     first_divergence: int | None
     note: str = ""
+    # the HF loop's top-2 logit gap over its largest |logit|: at the first divergence, or the smallest over the
+    # compared tokens when none; None without a reference run's logits (two measured engines)
+    reference_margin: float | None = None
 
 
 @dataclass
@@ -590,6 +593,7 @@ class _Profiler:
         self.models: list[ModelInfo] = []
         self.engines: dict[str, dict[str, Any]] = {}
         self.first_tokens: dict[tuple[str, str, int], list[int]] = {}
+        self.reference_margins: dict[str, list[float]] = {}  # precision -> the reference run's top-2 gaps
         self.rates: dict[str, float] = {}  # engine -> latest measured decode tok/s (budget planning)
         self.bandwidth = 0.0
 
@@ -866,7 +870,8 @@ class _Profiler:
         engine = None
         try:
             engine = make_engine("hf", model, ids.shape[1] + n)
-            self.first_tokens[(prec, REFERENCE, 0)] = timed_generate(engine, ids, pixels, n, self.device).tokens[:n]
+            tokens, self.reference_margins[prec] = greedy_margins(engine, ids, pixels, n)
+            self.first_tokens[(prec, REFERENCE, 0)] = tokens
         except Exception as e:  # the measured cells stand without it
             self.log(f"{prec}: no reference tokens: {self._error(e)}")
         finally:
@@ -901,11 +906,42 @@ class _Profiler:
                 n = min(len(ta), len(tb))
                 agree = sum(x == y for x, y in zip(ta[:n], tb[:n], strict=True))
                 first = next((i for i in range(n) if ta[i] != tb[i]), None)
-                note = "identical" if first is None else (
-                    "diverge after a near-tie is expected in 16-bit (random weights make ties common)"
-                )
-                out.append(CrossCheck(prec, c, [a, b], n, agree, first, note))
+                margins = self.reference_margins.get(prec) if b == REFERENCE else None
+                margin = None if not margins else min(margins[:n]) if first is None else margins[first]
+                out.append(CrossCheck(prec, c, [a, b], n, agree, first, crosscheck_note(first, margin), margin))
         return out
+
+
+NEAR_TIE = 2e-2  # a top-2 gap this small (of the largest |logit|) is within what 16-bit kernels may differ by
+
+
+def crosscheck_note(first: int | None, margin: float | None) -> str:
+    """What a cross-check's first divergence means, from the HF loop's top-2 gap there (see CrossCheck)."""
+    if first is None:
+        return "identical"
+    if margin is None:
+        return f"diverge at token {first} (no reference logits to say whether it was a near-tie)"
+    if margin <= NEAR_TIE:
+        return f"diverge at token {first}, a near-tie: the HF loop's top-2 logits {margin:.1e} of its largest apart"
+    return f"diverge at token {first}, NOT a near-tie: the HF loop's top-2 logits {margin:.1e} of its largest apart"
+
+
+@torch.no_grad()
+def greedy_margins(
+    engine: Any, ids: torch.Tensor, pixels: torch.Tensor | None, n: int
+) -> tuple[list[int], list[float]]:
+    """n greedy tokens of a batch-1 engine, each with its top-2 logit gap over the largest |logit|."""
+    engine.reset()
+    logits = engine.prefill(ids, images=pixels)
+    tokens, margins = [], []
+    for i in range(n):
+        row = logits[0].float()
+        top = row.topk(2).values
+        margins.append(float((top[0] - top[1]) / row.abs().max().clamp_min(1e-30)))
+        tokens.append(int(row.argmax()))
+        if i < n - 1:
+            logits = engine.step(logits.argmax(-1))
+    return tokens, margins
 
 
 def _model_info(model: Any, precision: str, source: str, random_weights: bool, build_s: float,

@@ -147,6 +147,16 @@ def test_one_engine_is_checked_against_a_reference_run():
     got = [(x.precision, x.context, x.engines, x.compared, x.agree) for x in report.crosschecks]
     assert got == [(p, c, ["fast", prof.REFERENCE], 8, 8) for p in ("bf16", "int4") for c in (292, 296)]
     assert [c.status for c in report.speed] == ["ok"] * 4
+    # the reference run's smallest top-2 gap over the compared tokens, a fraction of its largest |logit| (0: bf16
+    # rounding makes exact ties in this tiny random model)
+    assert all(x.note == "identical" and 0 <= x.reference_margin < 1 for x in report.crosschecks)
+
+
+def test_crosscheck_note_says_whether_a_divergence_was_a_near_tie():
+    assert prof.crosscheck_note(None, 0.3) == "identical"
+    assert "a near-tie" in prof.crosscheck_note(5, prof.NEAR_TIE / 2)
+    assert "NOT a near-tie" in prof.crosscheck_note(5, 0.1) and "token 5" in prof.crosscheck_note(5, 0.1)
+    assert "no reference logits" in prof.crosscheck_note(5, None)
 
 
 def test_cli_profile_json(tmp_path):
