@@ -171,3 +171,11 @@ def test_profile_targets_on_the_committed_h100_report(tmp_path: Path) -> None:
     assert costs == {"cost: int4 fast @2048 against resident weights": "decode 0.990x, TTFT 1.50x",
                      "cost: int4 fast @8192 against resident weights": "decode 0.990x, TTFT 1.50x"}  # fmt: skip
     assert targets.main([str(tmp_path / "missing.json")]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without CUDA")
+def test_fused_logits_refuses_without_cuda(tmp_path: Path) -> None:
+    """The GPU diagnostic says in one line that it needs CUDA, exits non-zero and writes nothing."""
+    proc = run([str(BENCH / "fused_logits.py"), "fused", "--out", "x.json"], tmp_path)
+    assert proc.returncode != 0 and proc.stderr.strip() == "fused_logits.py needs CUDA"
+    assert not (tmp_path / "x.json").exists()
