@@ -56,7 +56,7 @@ from .int4_triton import (
     triton_error,
 )
 from .model.modeling import apply_rope, rope_cos_sin
-from .tuning import config_list, digest, dump_tune, load_tune, remember
+from .tuning import remember_tune
 
 
 class Config(NamedTuple):
@@ -452,10 +452,9 @@ def tuned(batch: int, heads: int, head_dim: int, max_len: int, dtype: torch.dtyp
     """tune() once per cache geometry and device (cached in TUNED)."""
     key = (batch, heads, head_dim, max_len, dtype, str(device))
     if key not in TUNED:
-        disk_key = (*key[:5], config_list(configs_for(device)), digest(__file__))
-        TUNED[key] = remember(
-            "decode_attention", disk_key, device, lambda: tune(batch, heads, head_dim, max_len, dtype, device),
-            dump_tune, load_tune(TuneResult, Config),
+        TUNED[key] = remember_tune(
+            "decode_attention", key[:5], configs_for(device), __file__, device,
+            lambda: tune(batch, heads, head_dim, max_len, dtype, device), TuneResult, Config,
         )  # fmt: skip
     # a result read from disk skipped tune(), which allocates the counters: without this, the first launch would
     # allocate them inside the engine's CUDA-graph pool, and inductor refuses a live allocation it did not make

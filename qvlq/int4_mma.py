@@ -68,7 +68,7 @@ from qvlq.cuda_driver import check as check_cu
 from qvlq.cuda_driver import current_context, libcuda
 from qvlq.io import atomic_write_bytes, user_cache_dir
 from qvlq.model.modeling import rms_norm  # what the norm prologue computes
-from qvlq.tuning import config_list, digest, dump_tune, load_tune, remember
+from qvlq.tuning import remember_tune
 
 CHUNK = 64  # inputs per 16-byte lane load (4 mma tiles of 16)
 # dtype -> (magic halves, magic value, mma type, 1.0 halves); magic | q reads as magic value + q
@@ -1242,8 +1242,9 @@ def tuned(p: Packed) -> TuneResult:
     key = (p.out_features, p.in_features, p.group_size, p.dtype)
     if key not in TUNED:
         dev = p.qweight.device
-        disk_key = (*key, config_list(configs_for(dev)), digest(__file__))
-        TUNED[key] = remember("int4_mma", disk_key, dev, lambda: tune(p), dump_tune, load_tune(TuneResult, Config))
+        TUNED[key] = remember_tune(
+            "int4_mma", key, configs_for(dev), __file__, dev, lambda: tune(p), TuneResult, Config
+        )
     return TUNED[key]
 
 
@@ -1334,9 +1335,9 @@ def tuned_variant(
     key = (p.out_features, p.in_features, p.group_size, p.dtype, flags_name(flags))
     if key not in VARIANT_TUNED:
         candidates = ranked_configs(first, ranked_by)
-        VARIANT_TUNED[key] = remember(
-            "int4_mma variant", (*key, config_list(candidates), digest(__file__)), p.qweight.device,
-            lambda: tune_variant(p, bias, flags, candidates), dump_tune, load_tune(TuneResult, Config),
+        VARIANT_TUNED[key] = remember_tune(
+            "int4_mma variant", key, candidates, __file__, p.qweight.device,
+            lambda: tune_variant(p, bias, flags, candidates), TuneResult, Config,
         )  # fmt: skip
     return VARIANT_TUNED[key]
 

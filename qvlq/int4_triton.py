@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from qvlq.tuning import config_list, digest, dump_tune, load_tune, remember
+from qvlq.tuning import remember_tune
 
 COUNTERS = 1 << 16  # int32 slots of the shared split-K counter buffer (rows x column blocks per call)
 
@@ -560,10 +560,9 @@ def tuned(p: Packed, dtype: torch.dtype = torch.bfloat16) -> TuneResult:
     """tune() at M=1, once per (N, K, group, dtype, scales dtype): cached in TUNED."""
     key = (p.out_features, p.in_features, p.group_size, 1, dtype, p.scales.dtype)
     if key not in TUNED:
-        TUNED[key] = remember(
-            "int4_triton", (*key, config_list(CONFIGS), digest(__file__)), p.qweight.device, lambda: tune(p, 1, dtype),
-            dump_tune, load_tune(TuneResult, Config),
-        )  # fmt: skip
+        TUNED[key] = remember_tune(
+            "int4_triton", key, CONFIGS, __file__, p.qweight.device, lambda: tune(p, 1, dtype), TuneResult, Config
+        )
     return TUNED[key]
 
 

@@ -938,9 +938,10 @@ def greedy_margins(
         row = logits[0].float()
         top = row.topk(2).values
         margins.append(float((top[0] - top[1]) / row.abs().max().clamp_min(1e-30)))
-        tokens.append(int(row.argmax()))
+        tok = logits.argmax(-1)
+        tokens.append(int(tok[0]))
         if i < n - 1:
-            logits = engine.step(logits.argmax(-1))
+            logits = engine.step(tok)
     return tokens, margins
 
 

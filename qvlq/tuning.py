@@ -142,4 +142,16 @@ def load_tune(result_type: Callable[..., T], config_type: Callable[..., Any]) ->
     return lambda d: result_type(**{**d, "best": config_type(**d["best"])})
 
 
-__all__ = ["LOADED", "config_list", "digest", "dump_tune", "fingerprint", "load_tune", "remember", "summary"]
+def remember_tune(
+    kind: str, key: Sequence[Any], configs: Sequence[Any], source: str, device: torch.device, tune: Callable[[], T],
+    result_type: Callable[..., T], config_type: Callable[..., Any],
+) -> T:  # fmt: skip
+    """remember() for a config tuner: its key plus the candidate configs and the digest of its kernel's source
+    file, its TuneResult kept through dump_tune / load_tune."""
+    return remember(kind, (*key, config_list(configs), digest(source)), device, tune, dump_tune,
+                    load_tune(result_type, config_type))  # fmt: skip
+
+
+__all__ = [
+    "LOADED", "config_list", "digest", "dump_tune", "fingerprint", "load_tune", "remember", "remember_tune", "summary"
+]

@@ -121,7 +121,7 @@ def test_tuned_from_disk_allocates_the_counters(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(int4_triton, "_COUNTER_BUFFERS", {})
     monkeypatch.setattr(A, "TUNED", {})
     stored = A.TuneResult(A.DEFAULT_CONFIG, {A.DEFAULT_CONFIG.name: 1e-5}, {}, 8, 2e-5)
-    monkeypatch.setattr(A, "remember", lambda *args, **kwargs: stored)
+    monkeypatch.setattr(A, "remember_tune", lambda *args, **kwargs: stored)
     assert A.tuned(1, 2, 64, 16, torch.bfloat16, torch.device("cpu")) is stored
     assert torch.device("cpu") in int4_triton._COUNTER_BUFFERS
 
